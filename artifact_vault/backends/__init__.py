@@ -1,0 +1,13 @@
+"""Backend types: the policy of each kind of upstream over the shared flow in `base`."""
+
+
+def backend_class(type_name: str):
+    if type_name == "http":
+        from .http import HttpBackend
+
+        return HttpBackend
+    if type_name == "huggingface":
+        from .huggingface import HuggingFaceBackend
+
+        return HuggingFaceBackend
+    raise KeyError(type_name)

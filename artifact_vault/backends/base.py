@@ -1,0 +1,189 @@
+"""
+The request flow every backend shares.
+
+A backend module is a policy: it maps a request path to a cache key and an
+upstream URL and decides what may be cached.  It then calls one of the flows
+here, which do the rest the same way for everyone:
+
+* `Backend.serve_cached`: cache hit -> serve from disk; miss -> join or start
+  the one upstream transfer for the key and stream it while it is written.
+* `Backend.forward`: ask upstream and relay its (small) answer without
+  caching it, optionally rewriting the body (API listings, directory pages).
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.http_headers import Headers
+
+from ..config import BackendConfig
+from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
+from ..fetch import Upstream, describe_response, read_body
+from ..inflight import Inflight
+from ..logs import VaultLogger
+from ..serve import StoredBody, serve, set_entity_headers
+from ..store import CacheStore
+
+log = VaultLogger()
+
+FORWARD_LIMIT = 32 * 1024 * 1024  # bytes of an uncached answer we relay
+
+
+@dataclass
+class Vault:
+    """The shared machinery, one per daemon, handed to every backend."""
+
+    reactor: object
+    store: CacheStore
+    inflight: Inflight
+    upstream: Upstream
+
+
+#: response headers of an upstream answer worth relaying on a forwarded request
+RELAYED_HEADERS = (
+    "content-type",
+    "etag",
+    "last-modified",
+    "cache-control",
+    "link",
+    "retry-after",
+    "content-disposition",
+)
+
+
+class Backend:
+    """Base of every backend type; subclasses implement `handle`."""
+
+    methods = ("GET", "HEAD")
+
+    def __init__(self, config: BackendConfig, vault: Vault):
+        self.config = config
+        self.name = config.name
+        self.vault = vault
+        self.store = vault.store
+        #: headers sent upstream on every request (and dropped on a hop to another origin)
+        self.upstream_headers = dict(config.headers)
+
+    def handle(self, request, subpath: bytes) -> Deferred:
+        raise NotImplementedError  # pragma: no cover - every backend type defines it
+
+    def check_method(self, request, allowed=None):
+        allowed = allowed or self.methods
+        if request.method.decode("ascii", "replace") not in allowed:
+            raise MethodNotAllowed(
+                f"{request.method.decode('ascii', 'replace')} is not supported here: the vault is a read-only cache",
+                allowed,
+            )
+
+    # -- flows --------------------------------------------------------------
+
+    def serve_cached(
+        self,
+        request,
+        key: str,
+        url: str,
+        *,
+        headers: dict | None = None,
+        describe: Callable | None = None,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+        meta_override: dict | None = None,
+        timeout: float | None = None,
+    ) -> Deferred:
+        """Serve `key` from the cache, or fetch `url` once into it while serving."""
+        entry = self.store.lookup(key)
+        if entry is not None:
+            log.info("Cache hit for {key}", key=key)
+            meta = dict(entry.meta, **(meta_override or {}))
+            return serve(request, StoredBody(entry), meta)
+
+        def start():
+            return self.vault.upstream.transfer(
+                key,
+                url,
+                self.store,
+                headers={**self.upstream_headers, **(headers or {})},
+                timeout=timeout or self.config.timeout,
+                max_redirects=self.config.max_redirects,
+                sensitive_headers=self.sensitive_headers(headers),
+                describe=describe,
+                expected_size=expected_size,
+                expected_sha256=expected_sha256,
+            )
+
+        transfer, started = self.vault.inflight.join(key, start)
+        if started:
+            log.info("Cache miss for {key}, fetching {url}", key=key, url=safe_url(url))
+        else:
+            log.info("Joining the download of {key}", key=key)
+
+        def streaming(t):
+            if getattr(request, "_disconnected", False):
+                return None
+            return serve(request, t, dict(t.meta, **(meta_override or {})))
+
+        return transfer.ready().addCallback(streaming)
+
+    def sensitive_headers(self, extra: dict | None = None):
+        return list(self.upstream_headers) + ["authorization"] + list(extra or {})
+
+    def request_upstream(self, method: str, url: str, headers: dict | None = None, **kw) -> Deferred:
+        return self.vault.upstream.request(
+            method,
+            url,
+            {**self.upstream_headers, **(headers or {})},
+            timeout=kw.pop("timeout", self.config.timeout),
+            max_redirects=kw.pop("max_redirects", self.config.max_redirects),
+            sensitive_headers=self.sensitive_headers(headers),
+            **kw,
+        )
+
+    def forward(
+        self,
+        request,
+        method: str,
+        url: str,
+        *,
+        headers: dict | None = None,
+        data: bytes | None = None,
+        rewrite: Callable | None = None,
+        relayed=RELAYED_HEADERS,
+    ) -> Deferred:
+        """
+        Relay one upstream answer (status, selected headers, body) without
+        caching it.  `rewrite(body, response) -> body` may edit a good body.
+        """
+        d = self.request_upstream(method, url, headers, data=data)
+
+        def got(response):
+            return read_body(response, FORWARD_LIMIT).addCallback(lambda body: (response, body))
+
+        def answer(result):
+            response, body = result
+            if getattr(request, "_disconnected", False):
+                return
+            if response.code >= 500:
+                raise UpstreamStatus(response.code, url, relay_headers(response, ("retry-after",)))
+            if rewrite is not None and response.code == 200:
+                body = rewrite(body, response)
+            request.setResponseCode(response.code)
+            relayed_now = relay_headers(response, relayed)
+            for name, value in relayed_now.items():
+                request.setHeader(name, value)
+            if request.method != b"HEAD" or "content-length" not in relayed_now:
+                request.setHeader(b"content-length", b"%d" % len(body))
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+
+        return d.addCallback(got).addCallback(answer)
+
+
+def relay_headers(response, names) -> dict:
+    out = {}
+    for name in names:
+        values = response.headers.getRawHeaders(name.encode("ascii"))
+        if values:
+            out[name] = values[0].decode("latin-1")
+    return out

@@ -1,0 +1,306 @@
+"""
+Configuration: YAML in, validated and frozen objects out.
+
+Every problem is reported as one `ConfigError` that names the key it is
+about (``backends[1].config.base_url: ...``), so that the daemon can exit with a
+single readable line instead of a traceback.  Strings may refer to the
+environment with ``${VAR}`` or ``${VAR:-default}``; an unset variable without a
+default becomes the empty string (so ``token: ${HF_TOKEN}`` simply means "no
+token" when the variable is not set).
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, tied to the key it is about."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Option:
+    """One backend option: its kind, its default, and an optional check."""
+
+    kind: type | tuple
+    default: Any = None
+    check: Any = None  # callable(value) -> problem string or None
+    required: bool = False
+
+
+def _positive(value):
+    return None if value > 0 else "must be greater than 0"
+
+
+def _redirect_limit(value):
+    return None if 0 <= value <= 50 else "must be between 0 and 50"
+
+
+def _prefix(value):
+    if not (value.startswith("/") and value.endswith("/")) or len(value) < 3:
+        return "must start and end with '/' and name a path, e.g. /huggingface/"
+    if "//" in value or any(seg in (".", "..") for seg in value.split("/")):
+        return "must not contain empty, '.' or '..' segments"
+    if not all(c.isalnum() or c in "/-_." for c in value):
+        return "may contain only letters, digits, '-', '_', '.' and '/'"
+    return None
+
+
+def _http_url(value):
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if parts.username or parts.password:
+        return "must not carry credentials; use headers or token instead"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    return None
+
+
+def _headers(value):
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            return "must map header names to string values"
+        if not re.match(r"^[A-Za-z0-9-]+$", k) or "\n" in v or "\r" in v:
+            return f"header {k!r} is not a valid header line"
+    return None
+
+
+#: Options every backend type understands.
+COMMON_OPTIONS = {
+    "prefix": Option(str, None, _prefix),
+    "base_url": Option(str, None, _http_url, required=True),
+    "timeout": Option((int, float), 60, _positive),
+    "max_redirects": Option(int, 5, _redirect_limit),
+    "headers": Option(dict, {}, _headers),
+}
+
+#: Per type: extra options, and defaults that replace the common ones.
+BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
+    "http": ({}, {}),
+    "huggingface": (
+        {
+            "token": Option(str, ""),
+            # How long a branch/tag -> commit answer is reused without asking
+            # the hub again (seconds).  0 asks the hub on every request.
+            "revision_ttl": Option((int, float), 60, lambda v: None if v >= 0 else "must be 0 or more"),
+            # How long a request waits for the hub before it falls back to
+            # what the cache knows (seconds).  Clients give up after 10 s.
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
+    ),
+}
+
+TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "backends"}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    type: str
+    name: str
+    prefix: str
+    base_url: str
+    timeout: float
+    max_redirects: int
+    headers: Mapping[str, str]
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    http_host: str
+    http_port: int
+    cache_dir: str
+    log_level: str
+    backends: tuple
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "artifact-vault")
+
+
+#: The configuration used when no --config is given.
+DEFAULT_DOCUMENT = {
+    "http_host": "localhost",
+    "http_port": 8080,
+    "log_level": "INFO",
+    "backends": [{"type": "huggingface", "config": {}}],
+}
+
+
+def interpolate(value: str, key: str, environ: Mapping[str, str]) -> str:
+    def substitute(match):
+        name, default = match.group(1), match.group(2)
+        found = environ.get(name)
+        if found is None or (found == "" and default is not None):
+            return default if default is not None else ""
+        return found
+
+    if "${" in value and not _ENV_REF.search(value):
+        raise ConfigError(key, "has a '${' that is not a ${VAR} or ${VAR:-default} reference")
+    return _ENV_REF.sub(substitute, value)
+
+
+def _interpolate_tree(node, key, environ):
+    if isinstance(node, str):
+        return interpolate(node, key, environ)
+    if isinstance(node, list):
+        return [_interpolate_tree(v, f"{key}[{i}]", environ) for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        return {k: _interpolate_tree(v, f"{key}.{k}" if key else str(k), environ) for k, v in node.items()}
+    return node
+
+
+def _typed(value, option: Option, key: str):
+    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(key, f"must be {_kind_name(kinds)}, not a boolean")
+    if isinstance(value, str) and str not in kinds and (int in kinds or float in kinds):
+        # Values from ${ENV} arrive as strings; accept numbers written that way.
+        try:
+            value = int(value) if int in kinds and value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ConfigError(key, f"must be {_kind_name(kinds)}, got {value!r}") from None
+    if not isinstance(value, kinds):
+        raise ConfigError(key, f"must be {_kind_name(kinds)}, got {type(value).__name__}")
+    if option.check is not None:
+        problem = option.check(value)
+        if problem:
+            raise ConfigError(key, problem)
+    return value
+
+
+def _kind_name(kinds):
+    names = {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _backend(raw, index, environ) -> BackendConfig:
+    where = f"backends[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, "must be a mapping with type, name and config")
+    unknown = set(raw) - {"type", "name", "config"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected type, name, config)")
+    btype = raw.get("type")
+    if btype not in BACKEND_TYPES:
+        raise ConfigError(f"{where}.type", f"unknown backend type {btype!r} (known: {', '.join(BACKEND_TYPES)})")
+    extra, defaults = BACKEND_TYPES[btype]
+    options = {**COMMON_OPTIONS, **extra}
+    conf = raw.get("config") or {}
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{where}.config", "must be a mapping")
+    for k in conf:
+        if k not in options:
+            raise ConfigError(f"{where}.config.{k}", f"unknown key for a {btype} backend (known: {', '.join(options)})")
+    values = {}
+    for k, option in options.items():
+        key = f"{where}.config.{k}"
+        if k in conf and conf[k] is not None:
+            values[k] = _typed(conf[k], option, key)
+        elif k in defaults:
+            values[k] = defaults[k]
+        elif option.required:
+            raise ConfigError(key, "is required")
+        else:
+            values[k] = option.default
+    values["base_url"] = values["base_url"].rstrip("/")
+    name = raw.get("name")
+    if name is None:
+        name = btype if values["prefix"] is None else values["prefix"].strip("/").replace("/", "-")
+    if not isinstance(name, str) or not _NAME.match(name) or name.startswith("_"):
+        raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '.', '_' or '-' (used as a folder name)")
+    if values["prefix"] is None:
+        values["prefix"] = f"/{name}/"
+    common = {k: values.pop(k) for k in COMMON_OPTIONS}
+    return BackendConfig(
+        type=btype,
+        name=name,
+        prefix=common["prefix"],
+        base_url=common["base_url"],
+        timeout=float(common["timeout"]),
+        max_redirects=common["max_redirects"],
+        headers=MappingProxyType(dict(common["headers"])),
+        options=MappingProxyType(values),
+    )
+
+
+def parse(document, environ=None, cache_dir=None) -> VaultConfig:
+    """Validate a YAML document (already loaded) into a `VaultConfig`."""
+    environ = os.environ if environ is None else environ
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError("", "the configuration must be a YAML mapping of keys to values")
+    for k in document:
+        if k not in TOP_LEVEL:
+            raise ConfigError(str(k), f"unknown key (known: {', '.join(sorted(TOP_LEVEL))})")
+    document = _interpolate_tree(document, "", environ)
+
+    host = document.get("http_host", "localhost")
+    if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+        raise ConfigError("http_host", "must be a host name or address")
+    port = document.get("http_port", 8080)
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError("http_port", f"must be a port number from 1 to 65535, got {port!r}")
+    level = document.get("log_level", "INFO")
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    cdir = cache_dir or document.get("cache_dir") or default_cache_dir()
+    if not isinstance(cdir, str):
+        raise ConfigError("cache_dir", "must be a path")
+    cdir = os.path.abspath(os.path.expanduser(cdir))
+
+    raw_backends = document.get("backends", [])
+    if not isinstance(raw_backends, list):
+        raise ConfigError("backends", "must be a list of {type, name, config}")
+    backends = []
+    for i, raw in enumerate(raw_backends):
+        b = _backend(raw, i, environ)
+        for j, other in enumerate(backends):
+            if other.prefix == b.prefix:
+                raise ConfigError(f"backends[{i}].config.prefix", f"{b.prefix} is already used by backends[{j}]")
+            if other.name == b.name:
+                raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
+        backends.append(b)
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends))
+
+
+def load(path=None, environ=None, cache_dir=None) -> VaultConfig:
+    """Read and validate the file at `path`, or the embedded default."""
+    if path is None:
+        return parse(DEFAULT_DOCUMENT, environ, cache_dir)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config file {path} is not UTF-8 text") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError("", f"config file {path} is not valid YAML{where}: {problem}") from None
+    return parse(document, environ, cache_dir)

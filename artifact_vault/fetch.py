@@ -1,0 +1,452 @@
+"""
+Talking to upstreams, and pouring an upstream body into the cache.
+
+`Upstream.request` is treq over our own agent stack (bottom to top):
+a pooled `Agent` (connect timeout), `_TimeoutAgent` (each hop's answer must
+start within `timeout`), `_VaultRedirectAgent` (logs each hop, drops
+credentials on a hop to another origin, insists on identity encoding).  treq
+is told not to buffer and not to follow redirects itself.
+
+`Upstream.transfer` starts the one GET of a cache miss and returns its
+`Transfer`: a good status opens a `CacheWriter` and the body flows through
+`_BodyIntoCache` to disk; anything else fails the transfer with the error
+the client should see.
+"""
+
+import time
+from urllib.parse import urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web import error as werror
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RedirectAgent,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from twisted.web.client import ResponseDone
+from zope.interface import implementer
+
+from .errors import (
+    IntegrityError,
+    StorageFull,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    VaultError,
+    safe_url,
+)
+from .inflight import Transfer
+from .logs import VaultLogger
+
+log = VaultLogger()
+
+PROGRESS_EVERY = 5.0  # seconds between progress lines of a long download
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def origin(url: bytes | str) -> tuple:
+    if isinstance(url, bytes):
+        url = url.decode("ascii", "replace")
+    p = urlsplit(url)
+    return (p.scheme, (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80))
+
+
+@implementer(IAgent)
+class _TimeoutAgent:
+    """Each request through it must get its response headers within `timeout`."""
+
+    def __init__(self, agent, timeout, reactor):
+        self._agent = agent
+        self._timeout = timeout
+        self._reactor = reactor
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        timer = self._reactor.callLater(self._timeout, d.cancel)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            elif isinstance(result, Failure) and result.check(CancelledError, ResponseNeverReceived):
+                raise UpstreamTimeout(f"upstream {safe_url(uri)} did not answer within {self._timeout:g} s")
+            return result
+
+        return d.addBoth(done)
+
+
+class _VaultRedirectAgent(RedirectAgent):
+    """
+    Twisted's RedirectAgent with the vault's rules: every hop is logged, the
+    body of each 3xx is read and thrown away (so its connection goes back to
+    the pool), credentials are dropped on a hop to another origin (Twisted
+    does that for the names it is given), and every request asks for the
+    identity encoding, because what we store must be the bytes and the size
+    that upstream announced (treq adds an Accept-Encoding of its own above us).
+    """
+
+    def __init__(self, agent, redirect_limit, sensitive_headers=()):
+        super().__init__(agent, redirect_limit, sensitive_headers)
+        self.hops: list[tuple[bytes, bytes]] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        headers = headers.copy() if headers is not None else Headers()
+        headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
+        return super().request(method, uri, headers, bodyProducer)
+
+    def _handleRedirect(self, response, method, uri, headers, redirectCount):
+        location = response.headers.getRawHeaders(b"location", [b""])[0]
+        target = self._resolveLocation(uri, location) if location else b""
+        if target and redirectCount < self._redirectLimit:
+            log.info("Following redirect from {src} to {dst}", src=safe_url(uri), dst=safe_url(target))
+            self.hops.append((uri, target))
+        response.deliverBody(_Discard())
+        return super()._handleRedirect(response, method, uri, headers, redirectCount)
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+
+def upstream_failure(failure: Failure, url) -> Failure:
+    """Map a failure of a request to `url` onto the VaultError a client should see."""
+    if failure.check(VaultError):
+        return failure
+    if failure.check(ResponseFailed):
+        inner = failure.value.reasons[0] if failure.value.reasons else None
+        if inner is not None and inner.check(werror.InfiniteRedirection):
+            return Failure(UpstreamUnavailable(f"too many redirects (redirect loop?) starting at {safe_url(url)}"))
+        if inner is not None and inner.check(werror.RedirectWithNoLocation):
+            return Failure(UpstreamUnavailable(f"redirect without Location from {safe_url(url)}"))
+    if not failure.check(ResponseFailed, ResponseNeverReceived, ierror.ConnectError, ierror.DNSLookupError,
+                         ierror.TimeoutError, ierror.ConnectionLost, ierror.ConnectionDone, CancelledError,
+                         RequestTransmissionFailed):
+        return failure  # not a network problem: a bug, reported as such
+    if failure.check(ierror.TimeoutError, CancelledError):
+        return Failure(UpstreamTimeout(f"upstream {safe_url(url)} timed out"))
+    if failure.check(ierror.DNSLookupError):
+        return Failure(UpstreamUnavailable(f"upstream host of {safe_url(url)} is unknown"))
+    if failure.check(ierror.ConnectError):
+        return Failure(UpstreamUnavailable(f"cannot connect to upstream {safe_url(url)}"))
+    return Failure(UpstreamUnavailable(f"upstream {safe_url(url)} failed: {failure.getErrorMessage()[:200]}"))
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one "Starting factory" line per upstream connection is noise
+
+
+class Upstream:
+    """The vault's one HTTP client."""
+
+    def __init__(self, reactor, pool: HTTPConnectionPool | None = None):
+        self.reactor = reactor
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 8
+            pool.cachedConnectionTimeout = 60
+            pool._factory = _QuietClientFactory
+        self.pool = pool
+        self._agents: dict[float, Agent] = {}
+
+    def _agent(self, timeout: float) -> Agent:
+        agent = self._agents.get(timeout)
+        if agent is None:
+            agent = self._agents[timeout] = Agent(self.reactor, connectTimeout=timeout, pool=self.pool)
+        return agent
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict | None = None,
+        *,
+        timeout: float = 60,
+        max_redirects: int = 5,
+        sensitive_headers=(),
+        data: bytes | None = None,
+    ) -> Deferred:
+        """
+        Send one request (following redirects) and fire with the unbuffered
+        treq response, or fail with a `VaultError`.  The final URL is
+        available as ``response.request.absoluteURI``.
+        """
+        agent = _VaultRedirectAgent(
+            _TimeoutAgent(self._agent(timeout), timeout, self.reactor),
+            max_redirects,
+            [n.encode("ascii") for n in sensitive_headers],
+        )
+        client = HTTPClient(agent)
+        d = client.request(
+            method,
+            url,
+            headers={k: v for k, v in (headers or {}).items() if v is not None},
+            data=data,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        return d.addErrback(upstream_failure, url)
+
+    def transfer(
+        self,
+        key: str,
+        url: str,
+        store,
+        *,
+        headers: dict | None = None,
+        timeout: float = 60,
+        max_redirects: int = 5,
+        sensitive_headers=(),
+        describe=None,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> Transfer:
+        """
+        Start the upstream GET for a cache miss.  `describe(response)` turns
+        the upstream response into the metadata kept with the entry (content
+        type, etag, ...); the default keeps the usual entity headers.
+        """
+        transfer = Transfer(key, url)
+        d = self.request(
+            "GET",
+            url,
+            headers,
+            timeout=timeout,
+            max_redirects=max_redirects,
+            sensitive_headers=sensitive_headers,
+        )
+
+        def got_response(response):
+            if transfer.finished:  # cancelled while waiting
+                response.deliverBody(_Discard())
+                return
+            if response.code != 200:
+                return read_body(response, ERROR_BODY_LIMIT, truncate=True).addCallback(
+                    lambda body: transfer.failed(
+                        Failure(UpstreamStatus(response.code, url, _error_headers(response), body))
+                    )
+                )
+            declared = _content_length(response)
+            if declared is not None and expected_size is not None and declared != expected_size:
+                response.deliverBody(_Discard())
+                transfer.failed(
+                    Failure(
+                        IntegrityError(
+                            f"upstream {safe_url(url)} announced {declared} bytes, expected {expected_size}"
+                        )
+                    )
+                )
+                return
+            meta = (describe or describe_response)(response)
+            meta["upstream_url"] = safe_url(url)
+            try:
+                writer = store.writer(key)
+            except OSError as e:
+                response.deliverBody(_Discard())
+                transfer.failed(Failure(_storage_error(e, key)))
+                return
+            total = declared if declared is not None else expected_size
+            log.info("Caching {size} bytes for {key}", size=total if total is not None else "unknown", key=key)
+            transfer.start_streaming(writer, total, meta)
+            response.deliverBody(
+                _BodyIntoCache(transfer, store, self.reactor, timeout, expected_size, expected_sha256)
+            )
+
+        def failed(failure):
+            if not transfer.finished:
+                transfer.failed(upstream_failure(failure, url))
+
+        d.addCallback(got_response).addErrback(failed)
+        transfer.cancel_upstream = d.cancel
+        return transfer
+
+
+def describe_response(response) -> dict:
+    """The entity headers of an upstream response worth keeping and replaying."""
+    h = response.headers
+
+    def first(name):
+        v = h.getRawHeaders(name.encode("ascii"))
+        return v[0].decode("latin-1") if v else None
+
+    meta = {
+        "content_type": first("content-type") or "application/octet-stream",
+        "etag": first("etag"),
+        "last_modified": first("last-modified"),
+    }
+    encoding = first("content-encoding")
+    if encoding and encoding.lower() != "identity":
+        meta["content_encoding"] = encoding
+    return meta
+
+
+def _content_length(response) -> int | None:
+    length = response.length
+    return length if isinstance(length, int) else None
+
+
+def _error_headers(response) -> dict:
+    out = {}
+    for name in ("retry-after", "content-type"):
+        v = response.headers.getRawHeaders(name.encode("ascii"))
+        if v:
+            out[name] = v[0].decode("latin-1")
+    return out
+
+
+def read_body(response, limit: int, truncate: bool = False) -> Deferred:
+    """
+    Read a small upstream body into memory: at most `limit` bytes.  Past the
+    limit, the body is cut (``truncate=True``, for error texts) or the read
+    fails; a body that breaks off fails unless ``truncate`` is set.
+    """
+    d = Deferred()
+
+    class Collect(Protocol):
+        def __init__(self):
+            self.parts, self.size, self.too_big = [], 0, False
+
+        def dataReceived(self, data):
+            if self.too_big and not truncate:
+                return
+            if self.size + len(data) > limit:
+                self.too_big = True
+                if not truncate:
+                    self.transport.stopProducing()
+                    return
+                data = data[: max(0, limit - self.size)]
+            self.parts.append(data)
+            self.size += len(data)
+
+        def connectionLost(self, reason):
+            if self.too_big and not truncate:
+                d.errback(UpstreamUnavailable(f"upstream answer is larger than {limit} bytes"))
+            elif truncate or reason.check(ResponseDone, PotentialDataLoss):
+                d.callback(b"".join(self.parts))
+            else:
+                d.errback(UpstreamUnavailable(f"upstream answer broke off: {reason.getErrorMessage()[:120]}"))
+
+    response.deliverBody(Collect())
+    return d
+
+
+def _storage_error(e: OSError, key: str) -> VaultError:
+    import errno
+
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left in the cache to store {key}")
+    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return VaultError(f"{key} cannot be stored in the cache (path conflict)", 502)
+    return VaultError(f"cannot write {key} to the cache: {e.strerror}", 503)
+
+
+class _BodyIntoCache(Protocol):
+    """
+    Receives an upstream body: each chunk goes to the writer (disk and hash),
+    then watchers are told.  A silent gap longer than `timeout` aborts the
+    transfer; the end is checked against the announced size and hash before
+    the entry is committed.
+    """
+
+    def __init__(self, transfer: Transfer, store, reactor, timeout, expected_size, expected_sha256):
+        self.transfer = transfer
+        self.store = store
+        self.reactor = reactor
+        self.timeout = timeout
+        self.expected_size = expected_size
+        self.expected_sha256 = expected_sha256
+        self.idle = None
+        self.error: VaultError | None = None
+        self.started = self.last_log = time.monotonic()
+        self.last_logged_bytes = 0
+
+    def connectionMade(self):
+        self.idle = self.reactor.callLater(self.timeout, self._stalled)
+        self.transfer.cancel_upstream = self._abort
+
+    def dataReceived(self, data):
+        if self.error is not None:
+            return
+        self.idle.reset(self.timeout)
+        writer = self.transfer.writer
+        try:
+            writer.write(data)
+        except OSError as e:
+            self._abort(_storage_error(e, self.transfer.key))
+            return
+        limit = self.transfer.total
+        if limit is not None and writer.size > limit:
+            self._abort(IntegrityError(f"upstream sent more than the {limit} bytes announced for {self.transfer.key}"))
+            return
+        self.transfer.data_written()
+        now = time.monotonic()
+        if now - self.last_log >= PROGRESS_EVERY:
+            self._log_progress(now)
+
+    def _log_progress(self, now):
+        size, total = self.transfer.writer.size, self.transfer.total
+        rate = (size - self.last_logged_bytes) / (now - self.last_log) / 1e6
+        pct = f" ({100 * size / total:.0f}%)" if total else ""
+        log.info(
+            "Downloading {key}: {size} bytes{pct} at {rate:.1f} MB/s",
+            key=self.transfer.key, size=size, pct=pct, rate=rate,
+        )
+        self.last_log, self.last_logged_bytes = now, size
+
+    def _stalled(self):
+        self._abort(UpstreamTimeout(f"upstream {safe_url(self.transfer.url)} sent nothing for {self.timeout:g} s"))
+
+    def _abort(self, error: VaultError | None = None):
+        if self.error is None:
+            self.error = error or UpstreamUnavailable(f"transfer of {self.transfer.key} was stopped")
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        if self.idle is not None and self.idle.active():
+            self.idle.cancel()
+        transfer, writer = self.transfer, self.transfer.writer
+        try:
+            if self.error is not None:
+                raise self.error
+            if not reason.check(ResponseDone, PotentialDataLoss):
+                raise UpstreamUnavailable(
+                    f"upstream {safe_url(transfer.url)} broke off after {writer.size} bytes"
+                    f" ({reason.getErrorMessage()[:120]})"
+                )
+            if transfer.total is not None and writer.size != transfer.total:
+                raise IntegrityError(
+                    f"upstream {safe_url(transfer.url)} sent {writer.size} bytes, {transfer.total} were announced"
+                )
+            if self.expected_sha256 is not None and writer.sha256 != self.expected_sha256:
+                raise IntegrityError(
+                    f"sha256 of {transfer.key} is {writer.sha256}, upstream announced {self.expected_sha256}"
+                )
+            try:
+                entry = writer.commit(dict(transfer.meta))
+            except OSError as e:
+                raise _storage_error(e, transfer.key) from None
+        except VaultError as e:
+            writer.abort()
+            log.warn("Download of {key} failed: {why}", key=transfer.key, why=e.message)
+            transfer.failed(Failure(e))
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        log.info(
+            "Cached {size} bytes for {key} in {secs:.1f} s ({rate:.1f} MB/s)",
+            size=entry.size, key=transfer.key, secs=elapsed, rate=entry.size / elapsed / 1e6,
+        )
+        transfer.committed(entry)

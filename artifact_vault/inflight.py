@@ -1,0 +1,184 @@
+"""
+One download per key, watched by every client that wants it.
+
+A `Transfer` is one upstream GET on its way into the cache.  It goes through
+two phases: until upstream has answered with a good status it is *pending*
+(`ready()` Deferreds wait; an error status fails them all), then it is
+*streaming*: bytes land in the writer's temp file and every watcher is told,
+so each client streams the bytes already on disk and then the live ones, at
+its own pace.  It ends *committed* (the entry is in the cache) or *failed*
+(the temp file is gone, watchers abort their clients).
+
+`Inflight` maps keys to running transfers: the first miss starts one, later
+misses join it.  A finished transfer leaves the map before anyone is told, so
+a request that comes after sees the committed entry in the store.
+"""
+
+import os
+
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+
+from .store import CacheWriter, Entry
+
+
+class Transfer:
+    def __init__(self, key: str, url: str):
+        self.key = key
+        self.url = url
+        self.writer: CacheWriter | None = None
+        #: bytes upstream announced (Content-Length or the size a backend knows), if known
+        self.total: int | None = None
+        #: what clients are told about the body (content type, etag, ...), set when streaming starts
+        self.meta: dict = {}
+        self.entry: Entry | None = None
+        self.failure: Failure | None = None
+        self._ready_waiters: list[Deferred] = []
+        self._done_waiters: list[Deferred] = []
+        self._watchers: list = []
+        self._on_finished = []
+        #: a callable that stops the upstream transfer (set by the fetcher)
+        self.cancel_upstream = None
+        self.streaming = False
+
+    # -- what the fetcher calls -------------------------------------------
+
+    def start_streaming(self, writer: CacheWriter, total: int | None, meta: dict) -> None:
+        self.writer = writer
+        self.total = total
+        self.meta = meta
+        self.streaming = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def data_written(self) -> None:
+        for watcher in list(self._watchers):
+            watcher()
+
+    def committed(self, entry: Entry) -> None:
+        self.entry = entry
+        self._finish()
+
+    def failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        self.failure = failure
+        self._finish()
+
+    # -- what clients use ---------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.entry is not None or self.failure is not None
+
+    def ready(self) -> Deferred:
+        """Fires with this transfer once it streams, or fails like upstream did."""
+        if self.streaming:
+            d = Deferred()
+            d.callback(self)
+            return d
+        if self.failure is not None:
+            return fail(self.failure)
+        d = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def done(self) -> Deferred:
+        """Fires with the committed `Entry`, or fails."""
+        d = Deferred()
+        if self.entry is not None:
+            d.callback(self.entry)
+        elif self.failure is not None:
+            d.errback(self.failure)
+        else:
+            self._done_waiters.append(d)
+        return d
+
+    def on_finished(self, callback) -> None:
+        self._on_finished.append(callback)
+
+    def available(self) -> int:
+        if self.entry is not None:
+            return self.entry.size
+        return self.writer.size if self.writer is not None else 0
+
+    @property
+    def size(self) -> int | None:
+        if self.entry is not None:
+            return self.entry.size
+        return self.total
+
+    @property
+    def complete(self) -> bool:
+        return self.entry is not None
+
+    def open(self) -> int:
+        """A read descriptor on the bytes so far (valid across the final rename)."""
+        if self.entry is not None:
+            return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(self.writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def watch(self, callback) -> None:
+        self._watchers.append(callback)
+
+    def unwatch(self, callback) -> None:
+        try:
+            self._watchers.remove(callback)
+        except ValueError:
+            pass
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    # -- internals ------------------------------------------------------------
+
+    def _finish(self) -> None:
+        for callback in self._on_finished:
+            callback(self)
+        self._on_finished = []
+        ready, self._ready_waiters = self._ready_waiters, []
+        done, self._done_waiters = self._done_waiters, []
+        for d in ready:
+            if self.failure is not None:
+                d.errback(self.failure)
+            else:
+                d.callback(self)
+        for d in done:
+            if self.failure is not None:
+                d.errback(self.failure)
+            else:
+                d.callback(self.entry)
+        for watcher in list(self._watchers):
+            watcher()
+
+
+class Inflight:
+    """key -> running `Transfer`; at most one per key in this process."""
+
+    def __init__(self):
+        self._running: dict[str, Transfer] = {}
+
+    def get(self, key: str) -> Transfer | None:
+        return self._running.get(key)
+
+    def join(self, key: str, start) -> tuple[Transfer, bool]:
+        """
+        The running transfer for `key`, or a new one from ``start()``.
+        Returns (transfer, started_here).
+        """
+        running = self._running.get(key)
+        if running is not None:
+            return running, False
+        transfer = start()
+        if not transfer.finished:
+            self._running[key] = transfer
+            transfer.on_finished(lambda t: self._running.pop(key, None) if self._running.get(key) is t else None)
+        return transfer, True
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def transfers(self) -> list[Transfer]:
+        return list(self._running.values())

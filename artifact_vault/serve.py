@@ -1,0 +1,273 @@
+"""
+Serving a body from the cache: a committed entry, or a transfer still growing.
+
+Order of checks (as `twisted.web.static.File` does, with RFC 9110 fixed
+where it differs): conditional request (304), then Range (206/416, or the
+whole body when Range is absent, malformed, multi-part or defeated by
+If-Range), then HEAD (headers only).  The body is pushed by `_Streamer`, a
+push producer that reads with ``os.pread`` from its own descriptor, so each
+client goes at its own pace; when it catches up with a growing file it waits
+for the transfer to say more bytes arrived.  If the transfer fails, the
+client's connection is aborted: never a short body that looks complete.
+"""
+
+import os
+from email.utils import parsedate_to_datetime
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from .logs import VaultLogger
+from .store import Entry
+
+log = VaultLogger()
+
+CHUNK = 256 * 1024
+
+
+class StoredBody:
+    """A committed entry, with the same face as a `Transfer`."""
+
+    failure = None
+    complete = True
+
+    def __init__(self, entry: Entry):
+        self.entry = entry
+        self.size = entry.size
+
+    def available(self) -> int:
+        return self.size
+
+    def open(self) -> int:
+        return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def watch(self, callback):
+        pass
+
+    def unwatch(self, callback):
+        pass
+
+    def done(self):
+        return succeed(self.entry)
+
+
+def parse_range(header: bytes | None, size: int):
+    """
+    The single byte range a Range header asks of a body of `size` bytes:
+    (start, end_exclusive), "unsatisfiable", or None (serve the whole body:
+    no header, not bytes, malformed, or several ranges).
+    """
+    if not header:
+        return None
+    try:
+        text = header.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    unit, _, spec = text.partition("=")
+    if unit.strip().lower() != "bytes" or not spec or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return (max(0, size - suffix), size)
+    start = int(first)
+    end = int(last) + 1 if last else size
+    if last and end <= start:
+        return None  # last < first: invalid, ignored as RFC 9110 says
+    if start >= size:
+        return "unsatisfiable"
+    return (start, min(end, size))
+
+
+def _etag_matches(header: bytes, etag: str | None, weak=True) -> bool:
+    if etag is None:
+        return False
+    text = header.decode("latin-1")
+    if text.strip() == "*":
+        return True
+    mine = etag[2:] if etag.startswith("W/") else etag
+    for candidate in text.split(","):
+        candidate = candidate.strip()
+        if candidate.startswith("W/"):
+            if not weak:
+                continue
+            candidate = candidate[2:]
+        if candidate == mine:
+            return True
+    return False
+
+
+def _not_modified(request, meta) -> bool:
+    inm = request.getHeader(b"if-none-match")
+    if inm is not None:
+        return _etag_matches(inm, meta.get("etag"))
+    ims = request.getHeader(b"if-modified-since")
+    lm = meta.get("last_modified")
+    if ims and lm:
+        try:
+            return parsedate_to_datetime(lm) <= parsedate_to_datetime(ims.decode("latin-1"))
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def _range_allowed(request, meta) -> bool:
+    """If-Range: use the Range only when the validator still matches."""
+    ir = request.getHeader(b"if-range")
+    if ir is None:
+        return True
+    if ir.startswith((b'"', b"W/")):
+        etag = meta.get("etag")
+        return etag is not None and not etag.startswith("W/") and _etag_matches(ir, etag, weak=False)
+    return ir.decode("latin-1") == meta.get("last_modified")
+
+
+def set_entity_headers(request, meta: dict) -> None:
+    request.setHeader(b"content-type", meta.get("content_type") or "application/octet-stream")
+    request.setHeader(b"accept-ranges", b"bytes")
+    for name, header in (("etag", b"etag"), ("last_modified", b"last-modified"), ("content_encoding", b"content-encoding")):
+        if meta.get(name):
+            request.setHeader(header, meta[name])
+    for name, value in (meta.get("headers") or {}).items():
+        request.setHeader(name, value)
+
+
+def serve(request, body, meta: dict) -> Deferred:
+    """
+    Answer `request` from `body` (a `StoredBody` or a streaming `Transfer`).
+    The returned Deferred fires once the response is under way; the streamer
+    then finishes (or aborts) the request by itself.
+    """
+    set_entity_headers(request, meta)
+    if _not_modified(request, meta):
+        request.setResponseCode(304)
+        request.finish()
+        return succeed(None)
+
+    size = body.size
+    wants_range = request.getHeader(b"range") is not None and _range_allowed(request, meta)
+    if size is None and wants_range:
+        # A growing body of unknown length cannot name its ranges yet: wait for the end.
+        return body.done().addCallback(lambda entry: serve(request, StoredBody(entry), meta))
+
+    start, end = 0, size
+    if size is not None and wants_range:
+        rng = parse_range(request.getHeader(b"range"), size)
+        if rng == "unsatisfiable":
+            request.setResponseCode(416)
+            request.setHeader(b"content-range", f"bytes */{size}")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            msg = f"Range not satisfiable: the file has {size} bytes\n".encode()
+            request.setHeader(b"content-length", b"%d" % len(msg))
+            request.responseHeaders.removeHeader(b"etag")
+            request.write(msg)
+            request.finish()
+            return succeed(None)
+        if rng is not None:
+            start, end = rng
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}")
+    if end is not None:
+        request.setHeader(b"content-length", b"%d" % (end - start))
+
+    if request.method == b"HEAD" or end == start:
+        request.finish()
+        return succeed(None)
+    _Streamer(request, body, start, end).start()
+    return succeed(None)
+
+
+@implementer(IPushProducer)
+class _Streamer:
+    """Push bytes [start, end) of `body` into `request`, following a growing file."""
+
+    def __init__(self, request, body, start: int, end: int | None):
+        self.request = request
+        self.body = body
+        self.pos = start
+        self.end = end
+        self.fd = body.open()
+        self.paused = False
+        self.done = False
+        self._pumping = False
+
+    def start(self):
+        self.body.watch(self._more)
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(self._client_gone)
+        self._pump()
+
+    def _more(self):
+        if not self.paused:
+            self._pump()
+
+    def _target(self) -> int | None:
+        return self.end if self.end is not None else (self.body.size if self.body.complete else None)
+
+    def _pump(self):
+        if self._pumping or self.done:
+            return
+        self._pumping = True
+        try:
+            while not self.paused and not self.done:
+                target = self._target()
+                if target is not None and self.pos >= target:
+                    self._finish()
+                    return
+                available = self.body.available()
+                if target is not None:
+                    available = min(available, target)
+                if self.pos >= available:
+                    if self.body.failure is not None:
+                        self._abort()
+                    return  # wait for the transfer to call _more
+                data = os.pread(self.fd, min(CHUNK, available - self.pos), self.pos)
+                if not data:  # the file is shorter than it claims: never pretend
+                    self._abort()
+                    return
+                self.pos += len(data)
+                self.request.write(data)
+        finally:
+            self._pumping = False
+
+    def _finish(self):
+        self._close()
+        self.request.unregisterProducer()
+        self.request.finish()
+
+    def _abort(self):
+        self._close()
+        self.request.unregisterProducer()
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _close(self):
+        if not self.done:
+            self.done = True
+            self.body.unwatch(self._more)
+            os.close(self.fd)
+
+    def _client_gone(self, result):
+        self._close()
+
+    # IPushProducer
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self._close()

@@ -1,0 +1,222 @@
+"""
+The cache on disk.
+
+Layout: every entry is a file at ``cache_dir/<key>`` (a key is a relative
+POSIX path that starts with the backend's name) with a JSON sidecar
+``<file>.vault-meta`` beside it.  A download is written to
+``<file>.<random>.vault-tmp`` beside its final name and becomes visible only
+through `CacheWriter.commit`: data fsynced, sidecar written and renamed, then
+the data renamed over the final name.  The data rename is the commit point, so
+a crash at any moment leaves either the old state or the new one, plus
+leftover ``.vault-tmp`` files that `CacheStore.sweep` removes at start.
+
+Keys are built by backends from path segments that `safe_segments` has
+checked; `CacheStore.path_for` checks again that the result stays below
+``cache_dir``, so no key can name a file outside it.
+"""
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+META_SUFFIX = ".vault-meta"
+TEMP_SUFFIX = ".vault-tmp"
+RESERVED_SUFFIXES = (META_SUFFIX, TEMP_SUFFIX)
+MAX_SEGMENT = 200  # bytes; leaves room for the temp suffix under NAME_MAX (255)
+MAX_PATH = 3000
+
+
+class UnsafePath(ValueError):
+    """A request path that cannot name a cache entry (traversal, encoding tricks)."""
+
+
+def safe_segments(raw: bytes) -> list[str]:
+    """
+    Split a raw (still percent-encoded) request path into decoded segments,
+    refusing anything that could leave its folder or mean two things.
+
+    Rejects: empty segments (``//``), ``.`` and ``..`` (also encoded), an
+    encoded ``/`` or ``\\`` inside a segment, backslashes, NUL and other
+    control characters, a ``%`` left after decoding (double encoding),
+    non-UTF-8 bytes, overlong segments and paths, and our own reserved
+    file suffixes.
+    """
+    if len(raw) > MAX_PATH:
+        raise UnsafePath("path too long")
+    if not raw:
+        raise UnsafePath("empty path")
+    segments = []
+    for part in raw.split(b"/"):
+        decoded = unquote_to_bytes(part)
+        try:
+            text = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnsafePath("path is not UTF-8") from None
+        if text in ("", ".", ".."):
+            raise UnsafePath(f"path segment {text!r} is not allowed")
+        if "/" in text or "\\" in text or "%" in text:
+            raise UnsafePath("encoded separators or double encoding are not allowed")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise UnsafePath("control characters are not allowed")
+        if len(decoded) > MAX_SEGMENT:
+            raise UnsafePath("path segment too long")
+        if text.endswith(RESERVED_SUFFIXES):
+            raise UnsafePath("reserved file name")
+        segments.append(text)
+    return segments
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A committed cache entry: the data file and what we know about it."""
+
+    key: str
+    path: str
+    meta: dict
+
+    @property
+    def size(self) -> int:
+        return self.meta["size"]
+
+
+class CacheStore:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+
+    def path_for(self, key: str) -> str:
+        path = os.path.normpath(os.path.join(self.root, key))
+        if not path.startswith(self.root + os.sep):
+            raise UnsafePath(f"key {key!r} leaves the cache")
+        return path
+
+    def lookup(self, key: str) -> Entry | None:
+        """The committed entry for `key`, or None (also for a damaged one)."""
+        path = self.path_for(key)
+        try:
+            with open(path + META_SUFFIX, "rb") as f:
+                meta = json.load(f)
+            size = os.stat(path).st_size
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("size") != size:
+            return None
+        return Entry(key, path, meta)
+
+    def writer(self, key: str) -> "CacheWriter":
+        return CacheWriter(self, key, self.path_for(key))
+
+    def remove(self, key: str) -> None:
+        path = self.path_for(key)
+        for p in (path, path + META_SUFFIX):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def sweep(self) -> int:
+        """Remove temp files left by a crash; return how many."""
+        removed = 0
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.endswith(TEMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
+
+    def write_small(self, key: str, data: bytes, meta: dict) -> Entry:
+        """Store a small body (API answers) in one go, with the same commit rules."""
+        w = self.writer(key)
+        try:
+            w.write(data)
+            return w.commit(meta)
+        except BaseException:
+            w.abort()
+            raise
+
+
+class CacheWriter:
+    """
+    One entry being written: bytes go straight to a temp file (os.write on an
+    unbuffered descriptor, so other readers of the temp file see them at once)
+    and through sha256 as they arrive.
+    """
+
+    def __init__(self, store: CacheStore, key: str, final_path: str):
+        self.store = store
+        self.key = key
+        self.final_path = final_path
+        os.makedirs(os.path.dirname(final_path), exist_ok=True)
+        self.temp_path = f"{final_path}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, meta: dict) -> Entry:
+        """fsync, write the sidecar, rename into place; return the entry."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.closed = True
+        meta = dict(meta, size=self.size, sha256=self.sha256)
+        meta.setdefault("fetched_at", time.time())
+        meta_temp = f"{self.final_path}{META_SUFFIX}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        try:
+            with open(meta_temp, "w", encoding="utf-8") as f:
+                json.dump(meta, f, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(meta_temp, self.final_path + META_SUFFIX)
+            os.replace(self.temp_path, self.final_path)
+        except BaseException:
+            for p in (meta_temp, self.temp_path):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise
+        _fsync_dir(os.path.dirname(self.final_path))
+        return Entry(self.key, self.final_path, meta)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

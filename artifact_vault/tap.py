@@ -1,0 +1,83 @@
+"""
+The twistd plugin's options and service tree.
+
+``twistd -n artifact-vault [--config FILE] [--listen STRPORT] [--cache-dir DIR]``.
+A bad configuration is reported as one line on stderr and exit status 2,
+before twistd daemonizes or opens its log.
+"""
+
+import sys
+
+from twisted.application import service, strports
+from twisted.python import usage
+
+from . import logs
+from .backends import backend_class
+from .backends.base import Vault
+from .config import ConfigError, load
+from .fetch import Upstream
+from .inflight import Inflight
+from .site import VaultRoot, make_site
+from .store import CacheStore
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen STRPORT] [--cache-dir DIR]"
+    longdesc = "A caching reverse proxy for the Hugging Face Hub and other artifact stores."
+    optParameters = [
+        ["config", "c", None, "YAML configuration file (default: the embedded default configuration)"],
+        ["listen", "l", None, "Twisted strports description to listen on, overriding http_host/http_port "
+                              "(e.g. tcp:8080:interface=0.0.0.0)"],
+        ["cache-dir", None, None, "Cache folder, overriding cache_dir"],
+    ]
+
+    def postOptions(self):
+        try:
+            self.vault_config = load(self["config"], cache_dir=self["cache-dir"])
+        except ConfigError as e:
+            sys.stderr.write(f"artifact-vault: configuration error: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+
+
+def listen_description(config, override=None) -> str:
+    if override:
+        return override
+    host = config.http_host.replace(":", r"\:")
+    return f"tcp:{config.http_port}:interface={host}"
+
+
+class VaultService(service.MultiService):
+    """Sweeps leftovers of a crash before the listening port opens."""
+
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def startService(self):
+        removed = self.store.sweep()
+        if removed:
+            logs.VaultLogger().info("Removed {n} unfinished temp files from the cache", n=removed)
+        super().startService()
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
+    logs.set_level(config.log_level)
+    store = CacheStore(config.cache_dir)
+    vault = Vault(reactor=reactor, store=store, inflight=Inflight(), upstream=Upstream(reactor))
+    backends = [backend_class(b.type)(b, vault) for b in config.backends]
+    root = VaultRoot(backends, vault, reactor)
+    top = VaultService(store)
+    description = listen_description(config, options.get("listen"))
+    try:
+        server = strports.service(description, make_site(root, reactor), reactor=reactor)
+    except (ValueError, TypeError, KeyError) as e:
+        sys.stderr.write(f"artifact-vault: configuration error: --listen {description!r}: {e}\n")
+        raise SystemExit(2)
+    server.setServiceParent(top)
+    top.vault = vault
+    top.root = root
+    return top
