@@ -95,9 +95,18 @@ class _VaultRedirectAgent(RedirectAgent):
     that upstream announced (treq adds an Accept-Encoding of its own above us).
     """
 
-    def __init__(self, agent, redirect_limit, sensitive_headers=()):
+    def __init__(self, agent, redirect_limit, sensitive_headers=(), same_origin_only=False):
         super().__init__(agent, redirect_limit, sensitive_headers)
-        self.hops: list[tuple[bytes, bytes]] = []
+        self.same_origin_only = same_origin_only
+
+    def _handleResponse(self, response, method, uri, headers, redirectCount):
+        if self.same_origin_only and response.code in (301, 302, 303, 307, 308):
+            location = response.headers.getRawHeaders(b"location", [b""])[0]
+            if location and origin(self._resolveLocation(uri, location)) != origin(uri):
+                # The caller wants this answer itself (the hub's redirect to its CDN).
+                response.deliverBody(_Discard())
+                return response
+        return super()._handleResponse(response, method, uri, headers, redirectCount)
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         headers = headers.copy() if headers is not None else Headers()
@@ -105,13 +114,30 @@ class _VaultRedirectAgent(RedirectAgent):
         return super().request(method, uri, headers, bodyProducer)
 
     def _handleRedirect(self, response, method, uri, headers, redirectCount):
-        location = response.headers.getRawHeaders(b"location", [b""])[0]
-        target = self._resolveLocation(uri, location) if location else b""
-        if target and redirectCount < self._redirectLimit:
-            log.info("Following redirect from {src} to {dst}", src=safe_url(uri), dst=safe_url(target))
-            self.hops.append((uri, target))
+        # Twisted's version resolves every later hop against the first URI
+        # (and compares origins with it); each hop must be taken from where
+        # the previous one landed.
         response.deliverBody(_Discard())
-        return super()._handleRedirect(response, method, uri, headers, redirectCount)
+        if redirectCount >= self._redirectLimit:
+            raise ResponseFailed([Failure(werror.InfiniteRedirection(
+                response.code, b"Infinite redirection detected", location=uri))], response)
+        location = response.headers.getRawHeaders(b"location", [b""])[0]
+        if not location:
+            raise ResponseFailed([Failure(werror.RedirectWithNoLocation(
+                response.code, b"No location header field", uri))], response)
+        target = self._resolveLocation(uri, location)
+        log.info("Following redirect from {src} to {dst}", src=safe_url(uri), dst=safe_url(target))
+        if headers is not None and origin(target) != origin(uri):
+            headers = Headers({name: values for name, values in headers.getAllRawHeaders()
+                               if name not in self._sensitiveHeaderNames})
+        d = self._agent.request(method, target, headers)
+
+        def chain(new_response):
+            new_response.setPreviousResponse(response)
+            return new_response
+
+        d.addCallback(chain)
+        return d.addCallback(self._handleResponse, method, target, headers, redirectCount + 1)
 
 
 class _Discard(Protocol):
@@ -178,16 +204,18 @@ class Upstream:
         max_redirects: int = 5,
         sensitive_headers=(),
         data: bytes | None = None,
+        same_origin_redirects_only: bool = False,
     ) -> Deferred:
         """
-        Send one request (following redirects) and fire with the unbuffered
-        treq response, or fail with a `VaultError`.  The final URL is
-        available as ``response.request.absoluteURI``.
+        Send one request (following redirects; with `same_origin_redirects_only`,
+        a redirect to another origin is returned instead of followed) and fire
+        with the unbuffered treq response, or fail with a `VaultError`.
         """
         agent = _VaultRedirectAgent(
             _TimeoutAgent(self._agent(timeout), timeout, self.reactor),
             max_redirects,
             [n.encode("ascii") for n in sensitive_headers],
+            same_origin_redirects_only,
         )
         client = HTTPClient(agent)
         d = client.request(
@@ -236,7 +264,7 @@ class Upstream:
             if response.code != 200:
                 return read_body(response, ERROR_BODY_LIMIT, truncate=True).addCallback(
                     lambda body: transfer.failed(
-                        Failure(UpstreamStatus(response.code, url, _error_headers(response), body))
+                        Failure(UpstreamStatus(response.code, url, error_headers(response), body))
                     )
                 )
             declared = _content_length(response)
@@ -298,9 +326,9 @@ def _content_length(response) -> int | None:
     return length if isinstance(length, int) else None
 
 
-def _error_headers(response) -> dict:
+def error_headers(response) -> dict:
     out = {}
-    for name in ("retry-after", "content-type"):
+    for name in ("retry-after", "x-error-code", "x-error-message", "x-repo-commit", "ratelimit", "ratelimit-policy"):
         v = response.headers.getRawHeaders(name.encode("ascii"))
         if v:
             out[name] = v[0].decode("latin-1")

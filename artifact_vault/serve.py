@@ -205,6 +205,7 @@ class _Streamer:
         self.body.watch(self._more)
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addBoth(self._client_gone)
+        self.request.write(b"")  # status and headers go out now, before the first byte arrives
         self._pump()
 
     def _more(self):

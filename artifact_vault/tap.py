@@ -61,19 +61,25 @@ class VaultService(service.MultiService):
         super().startService()
 
 
-def makeService(options, reactor=None):
-    if reactor is None:
-        from twisted.internet import reactor
-    config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
+def build_site(config, reactor):
+    """The web site of a vault with `config`: (site, root resource, shared machinery)."""
     logs.set_level(config.log_level)
     store = CacheStore(config.cache_dir)
     vault = Vault(reactor=reactor, store=store, inflight=Inflight(), upstream=Upstream(reactor))
     backends = [backend_class(b.type)(b, vault) for b in config.backends]
     root = VaultRoot(backends, vault, reactor)
-    top = VaultService(store)
+    return make_site(root, reactor), root, vault
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
+    site, root, vault = build_site(config, reactor)
+    top = VaultService(vault.store)
     description = listen_description(config, options.get("listen"))
     try:
-        server = strports.service(description, make_site(root, reactor), reactor=reactor)
+        server = strports.service(description, site, reactor=reactor)
     except (ValueError, TypeError, KeyError) as e:
         sys.stderr.write(f"artifact-vault: configuration error: --listen {description!r}: {e}\n")
         raise SystemExit(2)

@@ -475,7 +475,11 @@ class FakeUpstream:
         return self._reactor
 
     def listen(self, reactor=None, interface: Optional[str] = None, host_port: int = 0):
-        """Listen on interface:host_port; sets and returns ``self.url``'s port."""
+        """Listen on interface:host_port (0: any free port); sets ``self.url``.
+
+        Returns the IListeningPort.  ``interface`` defaults to 127.0.0.1, or
+        127.0.0.2 for ``FakeUpstream(name="other")``.
+        """
         if reactor is not None:
             self._reactor = reactor
         iface = interface or self.interface
@@ -714,12 +718,13 @@ class FakeUpstream:
 
         status = int(b.get("status", 200))
         if not 200 <= status < 300:
-            _apply_headers(request, b)
             if entry.size:
                 request.setResponseCode(status)
                 request.setHeader("Content-Type", b.get("content_type") or "text/plain")
+                _apply_headers(request, b)
                 self._send_body(request, entry, method, entry.open(), entry.size)
             else:
+                _apply_headers(request, b)
                 _finish_simple(request, status)
             return
 
@@ -753,6 +758,7 @@ class FakeUpstream:
             if parsed == "unsatisfiable":
                 request.setHeader("Content-Range", "bytes */%d" % entry.size)
                 request.responseHeaders.removeHeader("ETag")
+                request.responseHeaders.removeHeader("Content-Type")
                 _apply_headers(request, b)
                 _finish_simple(request, 416)
                 return
@@ -835,7 +841,8 @@ def _finish_simple(request, code: int):
         request.finish()
         return
     body = b"%d %s\n" % (code, http.RESPONSES.get(code, b"Status"))
-    request.setHeader("Content-Type", "text/plain")
+    if not request.responseHeaders.hasHeader(b"content-type"):
+        request.setHeader("Content-Type", "text/plain")
     request.setHeader("Content-Length", str(len(body)))
     if request.method != b"HEAD":
         request.write(body)

@@ -14,15 +14,14 @@ here, which do the rest the same way for everyone:
 from dataclasses import dataclass
 from typing import Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.web.http_headers import Headers
+from twisted.internet.defer import Deferred
 
 from ..config import BackendConfig
-from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
-from ..fetch import Upstream, describe_response, read_body
+from ..errors import MethodNotAllowed, UpstreamStatus, safe_url
+from ..fetch import Upstream, read_body
 from ..inflight import Inflight
 from ..logs import VaultLogger
-from ..serve import StoredBody, serve, set_entity_headers
+from ..serve import StoredBody, serve
 from ..store import CacheStore
 
 log = VaultLogger()

@@ -1,0 +1,515 @@
+"""
+Hugging Face Hub backend: what ``HF_ENDPOINT=http://vault/huggingface`` needs.
+
+Resolve (``[datasets/|spaces/]{repo}/resolve/{rev}/{path}``)
+    The vault asks the hub a HEAD itself, follows the hub's same-origin
+    redirects (``/api/resolve-cache/...``, renamed repos) and stops at the
+    redirect to the CDN, whose headers carry the file's metadata.  The client
+    gets a 200 with ``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``/``-Size``
+    and ``Content-Length``: never a Location to the CDN, never the Xet
+    headers, so it downloads the bytes from the vault.  A GET fetches
+    ``resolve/{commit}/{path}`` through the hub's redirects (the token goes to
+    the hub's origin only) into the cache while streaming it.
+
+Cache layout (below ``cache_dir/<name>/``)
+    ``blobs/<sha256>``                           LFS content, once across repos and revisions
+    ``files/<type>/<repo>/<commit>/<path>``      regular (git) files, per immutable commit
+    ``meta/<type>/<repo>/<commit>/<path>``       what the hub said of that file (or its 404)
+    ``refs/<type>/<repo>/<rev>``                 last commit seen for a branch or tag
+    ``api/<type>/<repo>/<kind>/<rev>/<digest>``  answers of the API calls clients make first
+
+Revisions
+    A commit sha needs no hub once its metadata is cached.  A branch or tag is
+    resolved by the hub (a HEAD) unless it was resolved less than
+    ``revision_ttl`` seconds ago.  When the hub is unreachable, hangs longer
+    than ``offline_timeout`` (when there is something cached to answer with),
+    answers 5xx or 429, the last known commit and the cached metadata answer.
+
+API
+    ``/api/{models,datasets,spaces}/{repo}`` (and ``/revision/{rev}``),
+    ``/tree/{rev}[/{path}]``, ``POST /paths-info/{rev}`` and ``/refs`` are
+    forwarded and their answers kept (per commit, or as the last answer for a
+    branch) for offline use; ``xetHash`` fields are removed and the absolute
+    hub URLs in ``Link`` are rewritten to the vault.  Any other ``GET /api/``
+    is forwarded uncached; any other write is refused with 405.
+"""
+
+import hashlib
+import json
+import mimetypes
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_to_bytes
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+
+from ..errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    VaultError,
+)
+from ..fetch import error_headers, read_body
+from ..logs import VaultLogger
+from ..serve import StoredBody, serve, set_entity_headers
+from ..store import UnsafePath, safe_segments
+from .base import FORWARD_LIMIT, Backend, relay_headers
+
+log = VaultLogger()
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REPO_TYPES = (b"models", b"datasets", b"spaces")
+API_KEYWORDS = {b"revision", b"tree", b"paths-info", b"refs", b"xet-read-token", b"commits", b"treesize",
+                b"parquet", b"discussions", b"settings", b"commit", b"preupload", b"lfs-files"}
+REQUEST_BODY_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Repo:
+    kind: str  # "models", "datasets" or "spaces"
+    name: str  # "org/name" or a legacy "name"
+
+    @property
+    def url_prefix(self) -> str:
+        return "" if self.kind == "models" else f"{self.kind}/"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+def parse_revision(raw: bytes) -> str:
+    """A revision from its (percent-encoded) path segment: branch, tag, refs/pr/N or sha."""
+    try:
+        rev = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("revision is not UTF-8") from None
+    if not rev or len(rev) > 255 or "%" in rev or "\\" in rev or any(ord(c) < 0x21 or ord(c) == 0x7F for c in rev):
+        raise BadRequest(f"invalid revision {rev[:60]!r}")
+    if any(part in ("", ".", "..") for part in rev.split("/")):
+        raise BadRequest(f"invalid revision {rev[:60]!r}")
+    return rev
+
+
+def _segments(raw: bytes) -> list[str]:
+    try:
+        return safe_segments(raw)
+    except UnsafePath as e:
+        raise BadRequest(f"bad path: {e}") from None
+
+
+def _header(response, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name.encode("ascii"))
+    return values[0].decode("latin-1") if values else None
+
+
+def _unquote_etag(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def strip_xet(node):
+    """Remove every ``xetHash`` key, so that clients never switch to the Xet protocol."""
+    if isinstance(node, dict):
+        return {k: strip_xet(v) for k, v in node.items() if k != "xetHash"}
+    if isinstance(node, list):
+        return [strip_xet(v) for v in node]
+    return node
+
+
+class HuggingFaceBackend(Backend):
+    def __init__(self, config, vault):
+        super().__init__(config, vault)
+        self.token = config.options.get("token") or None
+        self.revision_ttl = float(config.options.get("revision_ttl", 60))
+        self.offline_timeout = float(config.options.get("offline_timeout", 4))
+        #: (repo key, rev) -> (commit, monotonic time it was learned from the hub)
+        self._refs: dict[tuple[str, str], tuple[str, float]] = {}
+        #: coalesced metadata HEADs: key -> list of waiting Deferreds
+        self._heads: dict[tuple, list[Deferred]] = {}
+
+    # -- routing -------------------------------------------------------------
+
+    def handle(self, request, subpath: bytes):
+        raw = subpath.split(b"/")
+        if raw[0] == b"api":
+            return self.handle_api(request, raw[1:])
+        self.check_method(request)
+        repo, rev, path = self.parse_resolve(raw)
+        return self.resolve(request, repo, rev, path)
+
+    def parse_resolve(self, raw: list[bytes]):
+        kind, start = "models", 0
+        if raw and raw[0] in (b"datasets", b"spaces"):
+            kind, start = raw[0].decode(), 1
+        for width in (2, 1):
+            at = start + width
+            if len(raw) > at + 2 and raw[at] == b"resolve":
+                repo = Repo(kind, "/".join(_segments(b"/".join(raw[start:at]))))
+                rev = parse_revision(raw[at + 1])
+                path = "/".join(_segments(b"/".join(raw[at + 2:])))
+                return repo, rev, path
+        raise NotFound("not a Hugging Face resolve or API URL")
+
+    # -- auth ------------------------------------------------------------------
+
+    def auth_headers(self, request) -> dict:
+        """The client's own Authorization, else the configured token (hub origin only)."""
+        client = request.getHeader(b"authorization")
+        if client:
+            return {"Authorization": client.decode("latin-1")}
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def public_base(self, request) -> str:
+        host = request.getHeader(b"host")
+        if not host:
+            h = request.getHost()
+            host = f"{h.host}:{h.port}".encode()
+        scheme = "https" if request.isSecure() else "http"
+        return f"{scheme}://{host.decode('latin-1')}{self.config.prefix.rstrip('/')}"
+
+    # -- revisions ------------------------------------------------------------
+
+    def _ref_key(self, repo: Repo, rev: str) -> str:
+        return f"{self.name}/refs/{repo.key}/{quote(rev, safe='')}"
+
+    def fresh_commit(self, repo: Repo, rev: str) -> str | None:
+        known = self._refs.get((repo.key, rev))
+        if known and time.monotonic() - known[1] < self.revision_ttl:
+            return known[0]
+        return None
+
+    def last_commit(self, repo: Repo, rev: str) -> str | None:
+        """The last commit the hub named for `rev`, however old (offline use)."""
+        if COMMIT.match(rev):
+            return rev
+        known = self._refs.get((repo.key, rev))
+        if known:
+            return known[0]
+        entry = self.store.lookup(self._ref_key(repo, rev))
+        if entry is None:
+            return None
+        try:
+            with open(entry.path, "rb") as f:
+                commit = json.load(f)["commit"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return commit if isinstance(commit, str) and COMMIT.match(commit) else None
+
+    def remember_ref(self, repo: Repo, rev: str, commit: str) -> None:
+        if COMMIT.match(rev) or not COMMIT.match(commit or ""):
+            return
+        previous = self.last_commit(repo, rev)
+        self._refs[(repo.key, rev)] = (commit, time.monotonic())
+        if previous != commit:
+            body = json.dumps({"commit": commit, "revision": rev}).encode()
+            self.store.write_small(self._ref_key(repo, rev), body, {"content_type": "application/json"})
+
+    # -- file metadata --------------------------------------------------------
+
+    def _meta_key(self, repo: Repo, commit: str, path: str) -> str:
+        return f"{self.name}/meta/{repo.key}/{commit}/{path}"
+
+    def load_info(self, repo: Repo, commit: str, path: str) -> dict | None:
+        entry = self.store.lookup(self._meta_key(repo, commit, path))
+        if entry is None:
+            return None
+        try:
+            with open(entry.path, "rb") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save_info(self, repo: Repo, commit: str, path: str, info: dict) -> None:
+        body = json.dumps(info, sort_keys=True).encode()
+        self.store.write_small(self._meta_key(repo, commit, path), body, {"content_type": "application/json"})
+
+    @inlineCallbacks
+    def file_info(self, request, repo: Repo, rev: str, path: str):
+        """What the hub says of (repo, rev, path), from the cache when it can or must."""
+        commit = rev if COMMIT.match(rev) else self.fresh_commit(repo, rev)
+        if commit:
+            info = self.load_info(repo, commit, path)
+            if info is not None:
+                return info
+        known = commit or self.last_commit(repo, rev)
+        fallback = self.load_info(repo, known, path) if known else None
+        try:
+            info = yield self._coalesced_head(request, repo, commit or rev, path,
+                                              self.offline_timeout if fallback else self.config.timeout)
+        except UpstreamStatus as e:
+            if e.code == 404 and e.headers.get("x-error-code") == "EntryNotFound" and e.headers.get("x-repo-commit"):
+                missing = {
+                    "missing": True,
+                    "commit": e.headers["x-repo-commit"],
+                    "error_code": "EntryNotFound",
+                    "error_message": e.headers.get("x-error-message") or f"{path} does not exist",
+                }
+                if COMMIT.match(missing["commit"]):
+                    self.remember_ref(repo, rev, missing["commit"])
+                    self.save_info(repo, missing["commit"], path, missing)
+                raise
+            if (e.code >= 500 or e.code == 429) and fallback is not None:
+                log.warn("Hub answered {code} for {repo}@{rev}; answering {path} from the cache",
+                         code=e.code, repo=repo.name, rev=rev, path=path)
+                return fallback
+            raise
+        except (UpstreamUnavailable, UpstreamTimeout) as e:
+            if fallback is not None:
+                log.warn("Hub unreachable ({why}); answering {repo}@{rev}/{path} from the cache",
+                         why=e.message, repo=repo.name, rev=rev, path=path)
+                return fallback
+            raise
+        self.remember_ref(repo, rev, info["commit"])
+        self.save_info(repo, info["commit"], path, info)
+        return info
+
+    def _coalesced_head(self, request, repo, rev, path, timeout) -> Deferred:
+        auth = self.auth_headers(request)
+        key = (repo.key, rev, path, hashlib.sha256(repr(sorted(auth.items())).encode()).hexdigest())
+        d = Deferred()
+        waiting = self._heads.get(key)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._heads[key] = [d]
+
+        def fan_out(result):
+            for waiter in self._heads.pop(key, []):
+                waiter.callback(result) if not isinstance(result, Failure) else waiter.errback(result)
+
+        self.head_upstream(repo, rev, path, auth, timeout).addBoth(fan_out)
+        return d
+
+    def resolve_url(self, repo: Repo, rev: str, path: str) -> str:
+        return (f"{self.config.base_url}/{repo.url_prefix}{repo.name}/resolve/"
+                f"{quote(rev, safe='')}/{quote(path)}")
+
+    def head_upstream(self, repo, rev, path, auth, timeout) -> Deferred:
+        url = self.resolve_url(repo, rev, path)
+        d = self.request_upstream("HEAD", url, auth, timeout=timeout, same_origin_redirects_only=True)
+
+        def got(response):
+            code = response.code
+            if code not in (200, 301, 302, 303, 307, 308):
+                raise UpstreamStatus(code, url, error_headers(response))
+            commit = _header(response, "x-repo-commit")
+            if not commit or not COMMIT.match(commit):
+                raise UpstreamUnavailable(f"the hub's answer for {repo.name}/{path} has no X-Repo-Commit")
+            linked_etag = _header(response, "x-linked-etag")
+            linked_size = _header(response, "x-linked-size")
+            etag = _header(response, "etag")
+            sha256 = _unquote_etag(linked_etag)
+            if sha256 is not None and not SHA256.match(sha256):
+                sha256 = None
+            size = linked_size if linked_size is not None else (
+                _header(response, "content-length") if code == 200 else None)
+            try:
+                size = int(size) if size is not None else None
+            except ValueError:
+                size = None
+            info = {
+                "commit": commit,
+                "etag": f'"{sha256}"' if sha256 else etag,
+                "sha256": sha256,
+                "linked_etag": linked_etag,
+                "size": size,
+                "content_type": (_header(response, "content-type") if code == 200 else None)
+                or mimetypes.guess_type(path)[0] or "application/octet-stream",
+            }
+            if info["etag"] is None:
+                raise UpstreamUnavailable(f"the hub's answer for {repo.name}/{path} has no ETag")
+            return info
+
+        return d.addCallback(got)
+
+    # -- resolve ------------------------------------------------------------
+
+    @inlineCallbacks
+    def resolve(self, request, repo: Repo, rev: str, path: str):
+        info = yield self.file_info(request, repo, rev, path)
+        if info.get("missing"):
+            raise VaultError(
+                f"{path} does not exist in {repo.name} at {info['commit']}",
+                404,
+                {"X-Error-Code": info["error_code"], "X-Error-Message": info["error_message"],
+                 "X-Repo-Commit": info["commit"]},
+            )
+        headers = {"X-Repo-Commit": info["commit"]}
+        if info.get("sha256"):
+            headers["X-Linked-Etag"] = info.get("linked_etag") or f'"{info["sha256"]}"'
+            if info.get("size") is not None:
+                headers["X-Linked-Size"] = str(info["size"])
+        meta = {"content_type": info["content_type"], "etag": info["etag"], "headers": headers,
+                "last_modified": None}
+        if info.get("sha256"):
+            key = f"{self.name}/blobs/{info['sha256'][:2]}/{info['sha256']}"
+        else:
+            key = f"{self.name}/files/{repo.key}/{info['commit']}/{path}"
+        if request.method == b"HEAD":
+            entry = self.store.lookup(key)
+            if entry is not None:
+                log.info("Cache hit for {key}", key=f"{repo.name}/resolve/{rev}/{path}")
+                return (yield serve(request, StoredBody(entry), meta))
+            set_entity_headers(request, meta)
+            if info.get("size") is not None:
+                request.setHeader(b"content-length", b"%d" % info["size"])
+            request.finish()
+            return None
+        return (yield self.serve_cached(
+            request,
+            key,
+            self.resolve_url(repo, info["commit"], path),
+            headers=self.auth_headers(request),
+            expected_size=info.get("size"),
+            expected_sha256=info.get("sha256"),
+            meta_override=meta,
+        ))
+
+    # -- API ------------------------------------------------------------------
+
+    def handle_api(self, request, raw: list[bytes]):
+        method = request.method
+        if not raw or raw[0] not in REPO_TYPES or len(raw) < 2:
+            if method not in (b"GET", b"HEAD"):
+                raise MethodNotAllowed("the vault is a read-only mirror of the hub")
+            return self.forward_api(request)
+        kind = raw[0].decode()
+        if len(raw) >= 4 and raw[3] in API_KEYWORDS:
+            name_raw, sub = raw[1:3], raw[3:]
+        elif len(raw) >= 3 and raw[2] in API_KEYWORDS:
+            name_raw, sub = raw[1:2], raw[2:]
+        elif len(raw) <= 3:
+            name_raw, sub = raw[1:], []
+        else:
+            raise NotFound("unknown API route")
+        repo = Repo(kind, "/".join(_segments(b"/".join(name_raw))))
+        if sub and sub[0] == b"paths-info" and len(sub) == 2:
+            if method != b"POST":
+                raise MethodNotAllowed("paths-info takes POST", ("POST",))
+            rev = parse_revision(sub[1])
+            body = request.content.read(REQUEST_BODY_LIMIT + 1) if request.content is not None else b""
+            if len(body) > REQUEST_BODY_LIMIT:
+                raise VaultError("request body too large", 413)
+            return self.api_cached(request, repo, "paths-info", rev, "", body)
+        if method not in (b"GET", b"HEAD"):
+            raise MethodNotAllowed("the vault is a read-only mirror of the hub: uploads and changes go to the hub")
+        if not sub:
+            return self.api_cached(request, repo, "info", "", "")
+        if sub[0] == b"revision" and len(sub) == 2:
+            return self.api_cached(request, repo, "info", parse_revision(sub[1]), "")
+        if sub[0] == b"tree" and len(sub) >= 2:
+            rev = parse_revision(sub[1])
+            path = "/".join(_segments(b"/".join(sub[2:]))) if len(sub) > 2 and sub[2:] != [b""] else ""
+            return self.api_cached(request, repo, "tree", rev, path)
+        if sub == [b"refs"]:
+            return self.api_cached(request, repo, "refs", "", "")
+        return self.forward_api(request)
+
+    def _api_url(self, request, repo: Repo, kind: str, rev: str, path: str) -> str:
+        base = f"{self.config.base_url}/api/{repo.kind}/{repo.name}"
+        if kind == "info":
+            url = base + (f"/revision/{quote(rev, safe='')}" if rev else "")
+        elif kind == "tree":
+            url = f"{base}/tree/{quote(rev, safe='')}" + (f"/{quote(path, safe='')}" if path else "")
+        elif kind == "paths-info":
+            url = f"{base}/paths-info/{quote(rev, safe='')}"
+        else:
+            url = f"{base}/{kind}"
+        query = request.uri.partition(b"?")[2]
+        return url + ("?" + query.decode("ascii", "replace") if query else "")
+
+    def forward_api(self, request):
+        url = self.config.base_url + request.uri[len(self.config.prefix) - 1:].decode("ascii", "replace")
+        return self.forward(
+            request, "GET", url, headers=self.auth_headers(request),
+            rewrite=lambda body, response: self._clean_json(body),
+            relayed=("content-type", "retry-after", "x-error-code", "x-error-message"),
+        )
+
+    def _clean_json(self, body: bytes) -> bytes:
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return body
+        return json.dumps(strip_xet(document)).encode()
+
+    def _link(self, request, hub_link: str | None) -> dict:
+        if not hub_link:
+            return {}
+        return {"Link": hub_link.replace(self.config.base_url, self.public_base(request))}
+
+    @inlineCallbacks
+    def api_cached(self, request, repo: Repo, kind: str, rev: str, path: str, body: bytes | None = None):
+        query = request.uri.partition(b"?")[2]
+        digest = hashlib.sha256(b"\0".join([path.encode(), query, body or b""])).hexdigest()[:32]
+        key = f"{self.name}/api/{repo.key}/{kind}/{quote(rev, safe='') or '_default'}/{digest}"
+        immutable = bool(COMMIT.match(rev))
+        entry = self.store.lookup(key)
+
+        def from_cache(why):
+            if why:
+                log.warn("{why}; answering {key} from the cache", why=why, key=key)
+            meta = dict(entry.meta, headers=self._link(request, entry.meta.get("hub_link")))
+            return serve(request, StoredBody(entry), meta)
+
+        if entry is not None and immutable:
+            log.info("Cache hit for {key}", key=key)
+            return (yield from_cache(None))
+        url = self._api_url(request, repo, kind, rev, path)
+        headers = self.auth_headers(request)
+        if body is not None:
+            headers["Content-Type"] = (request.getHeader(b"content-type") or b"application/x-www-form-urlencoded").decode("latin-1")
+        try:
+            response = yield self.request_upstream(
+                "POST" if body is not None else "GET", url, headers, data=body,
+                timeout=self.offline_timeout if entry is not None else self.config.timeout)
+            answer = yield read_body(response, FORWARD_LIMIT)
+        except (UpstreamUnavailable, UpstreamTimeout) as e:
+            if entry is not None:
+                return (yield from_cache(f"Hub unreachable ({e.message})"))
+            raise
+        if response.code == 200:
+            answer = self._clean_json(answer)
+            meta = {"content_type": _header(response, "content-type") or "application/json",
+                    "hub_link": _header(response, "link"), "upstream_url": url.split("?")[0]}
+            if kind == "info":
+                self._learn_commit(repo, rev, answer)
+            entry = self.store.write_small(key, answer, meta)
+            return (yield from_cache(None))
+        if (response.code >= 500 or response.code == 429) and entry is not None:
+            return (yield from_cache(f"Hub answered {response.code}"))
+        if response.code >= 500:
+            raise UpstreamStatus(response.code, url, error_headers(response))
+        if getattr(request, "_disconnected", False):
+            return None
+        request.setResponseCode(response.code)
+        for name, value in relay_headers(response, ("content-type", "retry-after", "x-error-code",
+                                                    "x-error-message", "x-repo-commit")).items():
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", b"%d" % len(answer))
+        if request.method != b"HEAD":
+            request.write(answer)
+        request.finish()
+        return None
+
+    def _learn_commit(self, repo: Repo, rev: str, answer: bytes) -> None:
+        try:
+            commit = json.loads(answer).get("sha")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(commit, str):
+            self.remember_ref(repo, rev or "_default", commit)
+

@@ -1,0 +1,119 @@
+"""
+Shared fixtures.
+
+pytest-twisted runs the reactor for us but gives no `reactor` fixture and does
+not fail a test when an error is logged; both are added here.  `vault` starts
+the code under test in-process on 127.0.0.1 (real sockets), `upstream` a fake
+origin server (tests/upstream.py); `http` is a client with a non-persistent
+pool, so no connection outlives its test.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.web.client import Agent, HTTPConnectionPool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from artifact_vault.config import parse  # noqa: E402
+from artifact_vault.tap import build_site  # noqa: E402
+from tests.upstream import FakeUpstream  # noqa: E402
+
+
+@pytest.fixture
+def reactor():
+    return _reactor
+
+
+class LogCapture:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        self.events.append(event)
+
+    def messages(self):
+        return [formatEvent(e) for e in self.events]
+
+    def text(self):
+        return "\n".join(self.messages())
+
+    def errors(self):
+        return [e for e in self.events
+                if e.get("log_failure") is not None or e.get("log_level") is LogLevel.critical]
+
+
+@pytest.fixture(autouse=True)
+def logged():
+    """Every log event of the test; a logged failure or critical event fails it."""
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    yield capture
+    globalLogPublisher.removeObserver(capture)
+    errors = capture.errors()
+    if errors:
+        details = "\n".join(formatEvent(e) + "\n" + (e["log_failure"].getTraceback() if e.get("log_failure") else "")
+                            for e in errors)
+        pytest.fail(f"errors were logged during the test:\n{details}")
+
+
+@dataclass
+class RunningVault:
+    url: str
+    config: object
+    root: object
+    vault: object
+    port: object
+
+    @property
+    def store(self):
+        return self.vault.store
+
+
+@pytest.fixture
+def vault_factory(tmp_path):
+    ports = []
+
+    def start(backends, **top) -> RunningVault:
+        document = {"cache_dir": str(tmp_path / "cache"), "log_level": "DEBUG", "backends": backends, **top}
+        config = parse(document, environ={})
+        site, root, vault = build_site(config, _reactor)
+        vault.store.sweep()
+        port = _reactor.listenTCP(0, site, interface="127.0.0.1")
+        ports.append(port)
+        return RunningVault(f"http://127.0.0.1:{port.getHost().port}", config, root, vault, port)
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+@pytest.fixture
+def upstream():
+    up = FakeUpstream()
+    up.listen(_reactor)
+    yield up
+    pytest_twisted.blockon(up.close())
+
+
+@pytest.fixture
+def other_origin():
+    up = FakeUpstream(name="other")
+    up.listen(_reactor)
+    yield up
+    pytest_twisted.blockon(up.close())
+
+
+@pytest.fixture
+def http():
+    """treq client without connection reuse between tests."""
+    pool = HTTPConnectionPool(_reactor, persistent=False)
+    return HTTPClient(Agent(_reactor, pool=pool))
