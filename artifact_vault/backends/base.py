@@ -88,12 +88,16 @@ class Backend:
         expected_size: int | None = None,
         expected_sha256: str | None = None,
         meta_override: dict | None = None,
-        timeout: float | None = None,
+        label: str | None = None,
     ) -> Deferred:
-        """Serve `key` from the cache, or fetch `url` once into it while serving."""
+        """
+        Serve `key` from the cache, or fetch `url` once into it while serving.
+        `label` names the request in logs (default: the key).
+        """
+        label = label or key
         entry = self.store.lookup(key)
         if entry is not None:
-            log.info("Cache hit for {key}", key=key)
+            log.info("Cache hit for {label}", label=label)
             meta = dict(entry.meta, **(meta_override or {}))
             return serve(request, StoredBody(entry), meta)
 
@@ -103,19 +107,20 @@ class Backend:
                 url,
                 self.store,
                 headers={**self.upstream_headers, **(headers or {})},
-                timeout=timeout or self.config.timeout,
+                timeout=self.config.timeout,
                 max_redirects=self.config.max_redirects,
                 sensitive_headers=self.sensitive_headers(headers),
                 describe=describe,
                 expected_size=expected_size,
                 expected_sha256=expected_sha256,
+                label=label,
             )
 
         transfer, started = self.vault.inflight.join(key, start)
         if started:
-            log.info("Cache miss for {key}, fetching {url}", key=key, url=safe_url(url))
+            log.info("Cache miss for {label}, fetching {url}", label=label, url=safe_url(url))
         else:
-            log.info("Joining the download of {key}", key=key)
+            log.info("Joining the download of {label}", label=label)
 
         def streaming(t):
             if getattr(request, "_disconnected", False):

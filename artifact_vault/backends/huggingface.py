@@ -361,7 +361,7 @@ class HuggingFaceBackend(Backend):
         if request.method == b"HEAD":
             entry = self.store.lookup(key)
             if entry is not None:
-                log.info("Cache hit for {key}", key=f"{repo.name}/resolve/{rev}/{path}")
+                log.info("Cache hit for {label}", label=f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
                 return (yield serve(request, StoredBody(entry), meta))
             set_entity_headers(request, meta)
             if info.get("size") is not None:
@@ -376,6 +376,7 @@ class HuggingFaceBackend(Backend):
             expected_size=info.get("size"),
             expected_sha256=info.get("sha256"),
             meta_override=meta,
+            label=f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}",
         ))
 
     # -- API ------------------------------------------------------------------
