@@ -33,7 +33,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            self.vault_config = load(self["config"], cache_dir=None)
+            self.vault_config = load(self["config"], cache_dir=self["cache-dir"])
         except ConfigError as e:
             sys.stderr.write(f"artifact-vault: configuration error: {e}\n")
             sys.stderr.flush()
