@@ -68,6 +68,8 @@ REPO_TYPES = (b"models", b"datasets", b"spaces")
 API_KEYWORDS = {b"revision", b"tree", b"paths-info", b"refs", b"xet-read-token", b"commits", b"treesize",
                 b"parquet", b"discussions", b"settings", b"commit", b"preupload", b"lfs-files"}
 REQUEST_BODY_LIMIT = 1024 * 1024
+#: seconds the hub counts as down after it failed to answer (a 429's Retry-After wins)
+HUB_DOWN_PAUSE = 15
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,35 @@ class HuggingFaceBackend(Backend):
         self._refs: dict[tuple[str, str], tuple[str, float]] = {}
         #: coalesced metadata HEADs: key -> list of waiting Deferreds
         self._heads: dict[tuple, list[Deferred]] = {}
+        #: until when (monotonic) the hub counts as down: answers that the
+        #: cache can give are given at once instead of waiting for it again
+        self._hub_down_until = 0.0
+
+    # -- hub health ------------------------------------------------------------
+
+    def hub_is_down(self) -> bool:
+        return time.monotonic() < self._hub_down_until
+
+    def note_hub_down(self, error: VaultError) -> None:
+        pause = HUB_DOWN_PAUSE
+        retry_after = error.headers.get("retry-after", "")
+        if retry_after.isdigit():
+            pause = min(max(int(retry_after), 1), 300)
+        if not self.hub_is_down():
+            log.warn("Hub looks down ({why}); answering from the cache for {pause} s where it can",
+                     why=error.message, pause=pause)
+        self._hub_down_until = time.monotonic() + pause
+
+    def _timeout(self, fallback) -> float:
+        """How long to wait for the hub: short when the cache can answer instead or the hub is down."""
+        return self.offline_timeout if fallback is not None or self.hub_is_down() else self.config.timeout
+
+    @staticmethod
+    def is_offline_error(error: VaultError) -> bool:
+        """The hub cannot answer now (as opposed to: it answered no)."""
+        if isinstance(error, (UpstreamUnavailable, UpstreamTimeout)):
+            return True
+        return isinstance(error, UpstreamStatus) and (error.code >= 500 or error.code == 429)
 
     # -- routing -------------------------------------------------------------
 
@@ -246,10 +277,19 @@ class HuggingFaceBackend(Backend):
                 return info
         known = commit or self.last_commit(repo, rev)
         fallback = self.load_info(repo, known, path) if known else None
+        if fallback is not None and self.hub_is_down():
+            return fallback
         try:
-            info = yield self._coalesced_head(request, repo, commit or rev, path,
-                                              self.offline_timeout if fallback else self.config.timeout)
-        except UpstreamStatus as e:
+            info = yield self._coalesced_head(request, repo, commit or rev, path, self._timeout(fallback))
+        except VaultError as e:
+            if self.is_offline_error(e):
+                self.note_hub_down(e)
+                if fallback is not None:
+                    log.info("Answering {repo}@{rev}/{path} from the cache ({why})",
+                             repo=repo.name, rev=rev, path=path, why=e.message)
+                    return fallback
+            if not isinstance(e, UpstreamStatus):
+                raise
             if e.code == 404 and e.headers.get("x-error-code") == "EntryNotFound" and e.headers.get("x-repo-commit"):
                 missing = {
                     "missing": True,
@@ -260,17 +300,6 @@ class HuggingFaceBackend(Backend):
                 if COMMIT.match(missing["commit"]):
                     self.remember_ref(repo, rev, missing["commit"])
                     self.save_info(repo, missing["commit"], path, missing)
-                raise
-            if (e.code >= 500 or e.code == 429) and fallback is not None:
-                log.warn("Hub answered {code} for {repo}@{rev}; answering {path} from the cache",
-                         code=e.code, repo=repo.name, rev=rev, path=path)
-                return fallback
-            raise
-        except (UpstreamUnavailable, UpstreamTimeout) as e:
-            if fallback is not None:
-                log.warn("Hub unreachable ({why}); answering {repo}@{rev}/{path} from the cache",
-                         why=e.message, repo=repo.name, rev=rev, path=path)
-                return fallback
             raise
         self.remember_ref(repo, rev, info["commit"])
         self.save_info(repo, info["commit"], path, info)
@@ -462,13 +491,19 @@ class HuggingFaceBackend(Backend):
 
         def from_cache(why):
             if why:
-                log.warn("{why}; answering {key} from the cache", why=why, key=key)
+                log.info("Answering {key} from the cache ({why})", why=why, key=key)
+            if entry.meta.get("status", 200) != 200:
+                with open(entry.path, "rb") as f:
+                    return self._answer(request, entry.meta["status"], entry.meta.get("error_headers", {}),
+                                        entry.meta["content_type"], f.read())
             meta = dict(entry.meta, headers=self._link(request, entry.meta.get("hub_link")))
             return serve(request, StoredBody(entry), meta)
 
         if entry is not None and immutable:
             log.info("Cache hit for {key}", key=key)
             return (yield from_cache(None))
+        if entry is not None and self.hub_is_down():
+            return (yield from_cache("the hub is down"))
         url = self._api_url(request, repo, kind, rev, path)
         headers = self.auth_headers(request)
         if body is not None:
@@ -476,12 +511,15 @@ class HuggingFaceBackend(Backend):
         try:
             response = yield self.request_upstream(
                 "POST" if body is not None else "GET", url, headers, data=body,
-                timeout=self.offline_timeout if entry is not None else self.config.timeout)
+                timeout=self._timeout(entry))
             answer = yield read_body(response, FORWARD_LIMIT)
         except (UpstreamUnavailable, UpstreamTimeout) as e:
+            self.note_hub_down(e)
             if entry is not None:
-                return (yield from_cache(f"Hub unreachable ({e.message})"))
+                return (yield from_cache(e.message))
             raise
+        if response.code >= 500 or response.code == 429:
+            self.note_hub_down(UpstreamStatus(response.code, url, error_headers(response)))
         if response.code == 200:
             answer = self._clean_json(answer)
             meta = {"content_type": _header(response, "content-type") or "application/json",
@@ -491,18 +529,28 @@ class HuggingFaceBackend(Backend):
             entry = self.store.write_small(key, answer, meta)
             return (yield from_cache(None))
         if (response.code >= 500 or response.code == 429) and entry is not None:
-            return (yield from_cache(f"Hub answered {response.code}"))
+            return (yield from_cache(f"the hub answered {response.code}"))
         if response.code >= 500:
             raise UpstreamStatus(response.code, url, error_headers(response))
+        relayed = relay_headers(response, ("retry-after", "x-error-code", "x-error-message", "x-repo-commit"))
+        content_type = _header(response, "content-type") or "application/json"
+        if response.code == 404 and relayed.get("x-error-code") == "EntryNotFound":
+            # A path that does not exist (transformers probes some): remembered like an answer.
+            self.store.write_small(key, answer, {"content_type": content_type, "status": 404,
+                                                 "error_headers": relayed})
+        return self._answer(request, response.code, relayed, content_type, answer)
+
+    @staticmethod
+    def _answer(request, status: int, headers: dict, content_type: str, body: bytes):
         if getattr(request, "_disconnected", False):
             return None
-        request.setResponseCode(response.code)
-        for name, value in relay_headers(response, ("content-type", "retry-after", "x-error-code",
-                                                    "x-error-message", "x-repo-commit")).items():
+        request.setResponseCode(status)
+        for name, value in headers.items():
             request.setHeader(name, value)
-        request.setHeader(b"content-length", b"%d" % len(answer))
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-length", b"%d" % len(body))
         if request.method != b"HEAD":
-            request.write(answer)
+            request.write(body)
         request.finish()
         return None
 
