@@ -14,10 +14,11 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
-            "huggingface_hub>=1.0",
-            "hf_xet",
-            "transformers",
-            "datasets",
+            # The real clients the Hugging Face tests drive (versions the protocol notes were read from).
+            "huggingface_hub>=2.4,<3",
+            "hf_xet>=1.8,<2",
+            "transformers>=5.24,<6",
+            "datasets>=5.2,<6",
         ],
     },
 )

@@ -7,8 +7,9 @@ whole body when Range is absent, malformed, multi-part or defeated by
 If-Range), then HEAD (headers only).  The body is pushed by `_Streamer`, a
 push producer that reads with ``os.pread`` from its own descriptor, so each
 client goes at its own pace; when it catches up with a growing file it waits
-for the transfer to say more bytes arrived.  If the transfer fails, the
-client's connection is aborted: never a short body that looks complete.
+for the transfer to say more bytes arrived.  The last byte of a growing file
+is held back until the transfer is verified and committed; if it fails, the
+client's connection is aborted: never a body that looks complete but is not.
 """
 
 import os
@@ -226,6 +227,11 @@ class _Streamer:
                     self._finish()
                     return
                 available = self.body.available()
+                if not self.body.complete and self.body.size is not None:
+                    # The file's last byte waits for the verified commit: a client that
+                    # has every byte takes the body as good, so a failed check (size,
+                    # sha256) must still be able to break the transfer.
+                    available = min(available, self.body.size - 1)
                 if target is not None:
                     available = min(available, target)
                 if self.pos >= available:
