@@ -39,6 +39,7 @@ class Transfer:
         self._done_waiters: list[Deferred] = []
         self._watchers: list = []
         self._on_finished = []
+        self._on_streaming = []
         #: a callable that stops the upstream transfer (set by the fetcher)
         self.cancel_upstream = None
         self.streaming = False
@@ -50,6 +51,8 @@ class Transfer:
         self.total = total
         self.meta = meta
         self.streaming = True
+        for callback in self._on_streaming:
+            callback(self)
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
             d.callback(self)
@@ -76,7 +79,7 @@ class Transfer:
 
     def ready(self) -> Deferred:
         """Fires with this transfer once it streams, or fails like upstream did."""
-        if self.streaming:
+        if self.streaming or self.entry is not None:
             d = Deferred()
             d.callback(self)
             return d
@@ -99,6 +102,9 @@ class Transfer:
 
     def on_finished(self, callback) -> None:
         self._on_finished.append(callback)
+
+    def on_streaming(self, callback) -> None:
+        self._on_streaming.append(callback)
 
     def available(self) -> int:
         if self.entry is not None:
@@ -140,6 +146,7 @@ class Transfer:
         for callback in self._on_finished:
             callback(self)
         self._on_finished = []
+        self._on_streaming = []
         ready, self._ready_waiters = self._ready_waiters, []
         done, self._done_waiters = self._done_waiters, []
         for d in ready:
@@ -154,6 +161,89 @@ class Transfer:
                 d.callback(self.entry)
         for watcher in list(self._watchers):
             watcher()
+
+
+class HolderGone(Exception):
+    """The process that held a key's download lock let go before streaming: try again."""
+
+
+class RemoteTransfer(Transfer):
+    """
+    A download that another process (sharing the cache) is doing: the holder
+    of the key's lock publishes the temp path and metadata in the lock file;
+    this follower polls the growing file, the lock and the store.  The
+    holder commits before it releases the lock, so "lock free and no entry"
+    means the download failed or its process died.
+    """
+
+    POLL = 0.05
+
+    def __init__(self, key: str, store, reactor, label: str | None = None):
+        super().__init__(key, "another vault process", label)
+        self.store = store
+        self.lock = store.lock(key)
+        self._fd: int | None = None
+        from twisted.internet.task import LoopingCall
+
+        self._poller = LoopingCall(self._poll)
+        self._poller.clock = reactor
+        self._poller.start(self.POLL, now=True)
+
+    def _poll(self):
+        held = self.lock.held_elsewhere()
+        if not held:
+            entry = self.store.lookup(self.key)
+            if entry is not None:
+                self._stop()
+                self.committed(entry)
+            elif not self.streaming:
+                self._stop()
+                self.failed(Failure(HolderGone(self.key)))
+            else:
+                self._stop()
+                from .errors import UpstreamUnavailable
+
+                self.failed(Failure(UpstreamUnavailable(
+                    f"the download of {self.label} in another vault process did not complete")))
+            return
+        if not self.streaming:
+            info = self.lock.read_info()
+            if not info:
+                return
+            try:
+                self._fd = os.open(info["temp"], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # renamed or removed meanwhile: the next poll sees which
+            self._temp = info["temp"]
+            self.total = info.get("total")
+            self.meta = info.get("meta") or {}
+            self.streaming = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.callback(self)
+        self.data_written()
+
+    def _stop(self):
+        if self._poller.running:
+            self._poller.stop()
+
+    def available(self) -> int:
+        if self.entry is not None:
+            return self.entry.size
+        if self._fd is None:
+            return 0
+        return os.fstat(self._fd).st_size
+
+    def open(self) -> int:
+        if self.entry is not None:
+            return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.dup(self._fd)
+
+    def _finish(self):
+        super()._finish()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Inflight:

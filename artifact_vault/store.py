@@ -15,6 +15,8 @@ checked; `CacheStore.path_for` checks again that the result stays below
 ``cache_dir``, so no key can name a file outside it.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -117,17 +119,40 @@ class CacheStore:
             except FileNotFoundError:
                 pass
 
+    def lock(self, key: str) -> "KeyLock":
+        """
+        The advisory lock that makes one process, among all that share this
+        cache, the downloader of `key`.  Lock files live apart from the
+        entries (``.locks/``) and are never deleted, so that every process
+        locks the same inode.
+        """
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return KeyLock(os.path.join(self.root, ".locks", digest[:2], digest))
+
     def sweep(self) -> int:
-        """Remove temp files left by a crash; return how many."""
+        """
+        Remove temp files left by a crash; return how many.  A temp file whose
+        key another process is downloading right now is left alone.
+        """
         removed = 0
-        for folder, _dirs, files in os.walk(self.root):
+        for folder, dirs, files in os.walk(self.root):
+            if folder == self.root and ".locks" in dirs:
+                dirs.remove(".locks")
             for name in files:
-                if name.endswith(TEMP_SUFFIX):
-                    try:
-                        os.unlink(os.path.join(folder, name))
-                        removed += 1
-                    except OSError:
-                        pass
+                if not name.endswith(TEMP_SUFFIX):
+                    continue
+                path = os.path.join(folder, name)
+                final = name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[0]
+                if final.endswith(META_SUFFIX):
+                    final = final[: -len(META_SUFFIX)]
+                key = os.path.relpath(os.path.join(folder, final), self.root)
+                if self.lock(key).held_elsewhere():
+                    continue
+                try:
+                    os.unlink(path)
+                    removed += 1
+                except OSError:
+                    pass
         return removed
 
     def write_small(self, key: str, data: bytes, meta: dict) -> Entry:
@@ -139,6 +164,70 @@ class CacheStore:
         except BaseException:
             w.abort()
             raise
+
+
+class KeyLock:
+    """
+    An flock(2) on one lock file.  The holder writes what followers need to
+    stream the growing file (temp path, announced size, metadata) into the
+    lock file; the kernel releases the lock when the holder dies, which is how
+    followers learn that a download will never complete.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def _open(self) -> int:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def try_acquire(self) -> bool:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        self.fd = fd
+        return True
+
+    def publish(self, info: dict) -> None:
+        data = json.dumps(info).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)  # closing drops the flock
+
+    def held_elsewhere(self) -> bool:
+        """True while some other open file description holds the lock."""
+        if not os.path.exists(self.path):
+            return False
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def read_info(self) -> dict | None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            return json.loads(data) if data else None
+        except (OSError, ValueError):
+            return None
 
 
 class CacheWriter:

@@ -11,15 +11,16 @@ here, which do the rest the same way for everyone:
   caching it, optionally rewriting the body (API listings, directory pages).
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 from twisted.internet.defer import Deferred
 
 from ..config import BackendConfig
-from ..errors import MethodNotAllowed, UpstreamStatus, safe_url
+from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
 from ..fetch import Upstream, read_body
-from ..inflight import Inflight
+from ..inflight import HolderGone, Inflight, RemoteTransfer, Transfer
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
 from ..store import CacheStore
@@ -89,9 +90,11 @@ class Backend:
         expected_sha256: str | None = None,
         meta_override: dict | None = None,
         label: str | None = None,
+        _retried: bool = False,
     ) -> Deferred:
         """
-        Serve `key` from the cache, or fetch `url` once into it while serving.
+        Serve `key` from the cache, or fetch `url` once into it while serving
+        (or follow the download another process sharing the cache is doing).
         `label` names the request in logs (default: the key).
         """
         label = label or key
@@ -102,7 +105,17 @@ class Backend:
             return serve(request, StoredBody(entry), meta)
 
         def start():
-            return self.vault.upstream.transfer(
+            lock = self.store.lock(key)
+            if not lock.try_acquire():
+                # Another process sharing this cache is downloading it: follow its file.
+                return RemoteTransfer(key, self.store, self.vault.reactor, label)
+            committed = self.store.lookup(key)  # it may have finished just before we locked
+            if committed is not None:
+                lock.release()
+                done = Transfer(key, url, label)
+                done.committed(committed)
+                return done
+            transfer = self.vault.upstream.transfer(
                 key,
                 url,
                 self.store,
@@ -115,9 +128,15 @@ class Backend:
                 expected_sha256=expected_sha256,
                 label=label,
             )
+            transfer.on_streaming(lambda t: lock.publish(
+                {"temp": t.writer.temp_path, "total": t.total, "meta": t.meta, "pid": os.getpid()}))
+            transfer.on_finished(lambda t: lock.release())
+            return transfer
 
         transfer, started = self.vault.inflight.join(key, start)
-        if started:
+        if isinstance(transfer, RemoteTransfer):
+            log.info("Following the download of {label} by another vault process", label=label)
+        elif started:
             log.info("Cache miss for {label}, fetching {url}", label=label, url=safe_url(url))
         else:
             log.info("Joining the download of {label}", label=label)
@@ -127,7 +146,15 @@ class Backend:
                 return None
             return serve(request, t, dict(t.meta, **(meta_override or {})))
 
-        return transfer.ready().addCallback(streaming)
+        def holder_gone(failure):
+            failure.trap(HolderGone)
+            if _retried:
+                raise VaultError(f"the download of {label} in another vault process failed", 502)
+            return self.serve_cached(request, key, url, headers=headers, describe=describe,
+                                     expected_size=expected_size, expected_sha256=expected_sha256,
+                                     meta_override=meta_override, label=label, _retried=True)
+
+        return transfer.ready().addCallbacks(streaming, holder_gone)
 
     def sensitive_headers(self, extra: dict | None = None):
         return list(self.upstream_headers) + ["authorization"] + list(extra or {})
