@@ -107,7 +107,7 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
     ),
 }
 
-TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "backends"}
+TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "backends"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class VaultConfig:
     cache_dir: str
     log_level: str
     backends: tuple
+    workers: int = 1
 
 
 def default_cache_dir(environ=None) -> str:
@@ -271,6 +272,12 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
         raise ConfigError("cache_dir", "must be a path")
     cdir = os.path.abspath(os.path.expanduser(cdir))
 
+    workers = document.get("workers", 1)
+    if isinstance(workers, str) and workers.isdigit():
+        workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise ConfigError("workers", f"must be a number of processes from 1 to 64, got {workers!r}")
+
     raw_backends = document.get("backends", [])
     if not isinstance(raw_backends, list):
         raise ConfigError("backends", "must be a list of {type, name, config}")
@@ -283,7 +290,7 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
             if other.name == b.name:
                 raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
         backends.append(b)
-    return VaultConfig(host, port, cdir, level.upper(), tuple(backends))
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers)
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

@@ -71,6 +71,18 @@ class Transfer:
         self.failure = failure
         self._finish()
 
+    def abort(self, reason: str) -> None:
+        """Stop now (shutdown): the temp file goes, every client is cut off."""
+        if self.finished:
+            return
+        from .errors import UpstreamUnavailable
+
+        if self.writer is not None:
+            self.writer.abort()
+        self.failed(Failure(UpstreamUnavailable(reason)))
+        if self.cancel_upstream is not None:
+            self.cancel_upstream()
+
     # -- what clients use ---------------------------------------------------
 
     @property

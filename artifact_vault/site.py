@@ -4,6 +4,7 @@ The root of the web tree: routes by prefix to the backends, answers
 """
 
 import json
+import os
 import time
 
 from twisted.internet.defer import maybeDeferred
@@ -91,6 +92,7 @@ class VaultRoot(Resource):
         if what == b"health":
             return self._json(request, {
                 "status": "ok",
+                "pid": os.getpid(),
                 "uptime_seconds": round(time.time() - self.started, 1),
                 "backends": [
                     {"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in self.backends

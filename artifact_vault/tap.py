@@ -8,7 +8,8 @@ before twistd daemonizes or opens its log.
 
 import sys
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet import endpoints
 from twisted.python import usage
 
 from . import logs
@@ -19,6 +20,7 @@ from .fetch import Upstream
 from .inflight import Inflight
 from .site import VaultRoot, make_site
 from .store import CacheStore
+from .workers import ListenService, WorkerPool
 
 
 class Options(usage.Options):
@@ -48,17 +50,33 @@ def listen_description(config, override=None) -> str:
 
 
 class VaultService(service.MultiService):
-    """Sweeps leftovers of a crash before the listening port opens."""
+    """
+    Sweeps leftovers of a crash before the listening port opens; on stop
+    (SIGTERM), stops listening first, then aborts the downloads still in
+    flight: their temp files are removed and their clients cut off (a client
+    retries; a half file is never published).
+    """
 
-    def __init__(self, store):
+    def __init__(self, vault, sweep=True):
         super().__init__()
-        self.store = store
+        self.vault = vault
+        self.sweep = sweep
 
     def startService(self):
-        removed = self.store.sweep()
-        if removed:
-            logs.VaultLogger().info("Removed {n} unfinished temp files from the cache", n=removed)
+        if self.sweep:
+            removed = self.vault.store.sweep()
+            if removed:
+                logs.VaultLogger().info("Removed {n} unfinished temp files from the cache", n=removed)
         super().startService()
+
+    def stopService(self):
+        d = super().stopService()  # children (the listening port, workers) stop first
+        transfers = self.vault.inflight.transfers()
+        if transfers:
+            logs.VaultLogger().info("Shutting down: aborting {n} downloads in flight", n=len(transfers))
+        for transfer in transfers:
+            transfer.abort("the vault is shutting down")
+        return d
 
 
 def build_site(config, reactor):
@@ -76,14 +94,16 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
     site, root, vault = build_site(config, reactor)
-    top = VaultService(vault.store)
+    top = VaultService(vault)
     description = listen_description(config, options.get("listen"))
     try:
-        server = strports.service(description, site, reactor=reactor)
+        server = ListenService(endpoints.serverFromString(reactor, description), site, description)
     except (ValueError, TypeError, KeyError) as e:
         sys.stderr.write(f"artifact-vault: configuration error: --listen {description!r}: {e}\n")
         raise SystemExit(2)
     server.setServiceParent(top)
+    if config.workers > 1:
+        WorkerPool(config.workers - 1, server, options, reactor).setServiceParent(top)
     top.vault = vault
     top.root = root
     return top

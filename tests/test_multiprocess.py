@@ -137,3 +137,23 @@ def test_two_daemons_share_one_cache_under_concurrent_load(tmp_path):
     finally:
         up.terminate()
         up.wait(10)
+
+
+def test_workers_option_runs_several_processes_on_one_port(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with vault_process(tmp_path / "v", [], workers=2) as v:
+        def pid(_):
+            with urllib.request.urlopen(v.url + "/_vault/health", timeout=10) as r:
+                return json.loads(r.read())["pid"]
+
+        deadline = 0
+        pids = set()
+        while len(pids) < 2 and deadline < 10:  # the worker may need a moment to start
+            with ThreadPoolExecutor(8) as pool:
+                pids |= set(pool.map(pid, range(100)))
+            deadline += 1
+        assert len(pids) == 2
+        assert v.proc.pid in pids
+        assert "Started worker 1" in v.log()
+    assert "worker1" in v.log() and "Main loop terminated" in v.log()

@@ -1,0 +1,159 @@
+"""
+More processes on one listening socket (``workers: N``).
+
+The twistd process listens, then starts N-1 worker processes
+(``python -m artifact_vault.workers``) that adopt the same socket: the kernel
+hands each new connection to one of them.  All of them share the cache
+through the per-key locks of `artifact_vault.store.KeyLock`, so a file is
+still downloaded once.  Workers log to a pipe that the main process copies
+into its own log; a worker that dies is started again after a second; on
+stop, workers get SIGTERM and are waited for.
+"""
+
+import argparse
+import os
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from .logs import VaultLogger
+
+log = VaultLogger()
+
+RESTART_DELAY = 1.0
+
+
+class ListenService(service.Service):
+    """Listens on an endpoint; keeps the port so workers can share its socket."""
+
+    def __init__(self, endpoint, factory, description):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+        failures = []
+        d.addCallbacks(lambda port: setattr(self, "port", port), failures.append)
+        if failures:
+            sys.stderr.write(f"artifact-vault: cannot listen on {self.description}: "
+                             f"{failures[0].getErrorMessage()}\n")
+            raise SystemExit(1)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, pool, number):
+        self.pool = pool
+        self.number = number
+        self.ended = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data):
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            # the worker stamps its lines with the time; ours stamps them again
+            stamp, _, rest = line.partition(b" ")
+            if stamp[:1].isdigit() and rest:
+                line = rest
+            if line.strip():
+                Logger(namespace=f"worker{self.number}").info(
+                    "{line}", line=line.decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+        self.pool.ended(self)
+
+
+class WorkerPool(service.Service):
+    def __init__(self, count, listener: ListenService, options, reactor):
+        self.count = count
+        self.listener = listener
+        self.options = options
+        self.reactor = reactor
+        self.running_workers: dict[int, _WorkerProtocol] = {}
+
+    def startService(self):
+        super().startService()
+        for number in range(1, self.count + 1):
+            self.spawn(number)
+
+    def spawn(self, number):
+        fd = self.listener.port.fileno()
+        family = "6" if self.listener.port.getHost().type == "TCP" and ":" in self.listener.port.getHost().host else "4"
+        args = [sys.executable, "-m", "artifact_vault.workers", "--fd", "3", "--family", family]
+        if self.options.get("config"):
+            args += ["--config", os.path.abspath(self.options["config"])]
+        if self.options.get("cache-dir"):
+            args += ["--cache-dir", os.path.abspath(self.options["cache-dir"])]
+        proto = _WorkerProtocol(self, number)
+        self.running_workers[number] = proto
+        self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(),
+                                  childFDs={0: "w", 1: "r", 2: "r", 3: fd})
+        log.info("Started worker {n}", n=number)
+
+    def ended(self, proto):
+        if self.running_workers.get(proto.number) is proto:
+            del self.running_workers[proto.number]
+            if self.running:
+                log.warn("Worker {n} ended; starting it again", n=proto.number)
+                self.reactor.callLater(RESTART_DELAY, self._respawn, proto.number)
+
+    def _respawn(self, number):
+        if self.running and number not in self.running_workers:
+            self.spawn(number)
+
+    def stopService(self):
+        super().stopService()
+        waits = []
+        for proto in list(self.running_workers.values()):
+            waits.append(proto.ended)
+            try:
+                proto.transport.signalProcess("TERM")
+            except Exception:  # already gone
+                pass
+        return defer.DeferredList(waits)
+
+
+def main(argv=None):
+    """A worker process: adopt the listening socket and serve from the shared cache."""
+    parser = argparse.ArgumentParser(prog="artifact_vault.workers")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--family", choices=["4", "6"], default="4")
+    parser.add_argument("--config")
+    parser.add_argument("--cache-dir")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from .config import load
+    from .tap import VaultService, build_site
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    config = load(args.config, cache_dir=args.cache_dir)
+    site, _root, vault = build_site(config, reactor)
+    top = VaultService(vault, sweep=False)
+    family = socket.AF_INET6 if args.family == "6" else socket.AF_INET
+    reactor.adoptStreamPort(args.fd, family, site)
+    os.close(args.fd)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
