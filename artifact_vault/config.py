@@ -102,12 +102,20 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
             # How long a request waits for the hub before it falls back to
             # what the cache knows (seconds).  Clients give up after 10 s.
             "offline_timeout": Option((int, float), 4, _positive),
+            # Who may read cached private/gated content (see backends/hf_access.py):
+            # "shared" lends the token to clients without one; "per-client" never does.
+            "access": Option(str, "shared", lambda v: None if v in ("shared", "per-client")
+                             else "must be 'shared' or 'per-client'"),
+            # How long the hub's yes/no on a client's access to a repo is reused (seconds).
+            "access_ttl": Option((int, float), 300, lambda v: None if v >= 0 else "must be 0 or more"),
+            # While the hub is unreachable, how old a yes may be and still count (seconds).
+            "offline_access_grace": Option((int, float), 86400, lambda v: None if v >= 0 else "must be 0 or more"),
         },
         {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
     ),
 }
 
-TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "backends"}
+TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "backends"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class VaultConfig:
     log_level: str
     backends: tuple
     workers: int = 1
+    #: when not empty, clients must present one of these (see site.py)
+    access_tokens: tuple = ()
 
 
 def default_cache_dir(environ=None) -> str:
@@ -278,6 +288,14 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
         raise ConfigError("workers", f"must be a number of processes from 1 to 64, got {workers!r}")
 
+    tokens = document.get("access_tokens") or []
+    if isinstance(tokens, str):
+        tokens = [t for t in tokens.replace(",", " ").split() if t]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) >= 8 and t.isprintable()
+                                                and " " not in t for t in tokens):
+        raise ConfigError("access_tokens", "must be a list of tokens of 8 or more printable characters, no spaces")
+    tokens = [t for t in tokens if t]
+
     raw_backends = document.get("backends", [])
     if not isinstance(raw_backends, list):
         raise ConfigError("backends", "must be a list of {type, name, config}")
@@ -290,7 +308,7 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
             if other.name == b.name:
                 raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
         backends.append(b)
-    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers)
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens))
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

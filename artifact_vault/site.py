@@ -3,6 +3,7 @@ The root of the web tree: routes by prefix to the backends, answers
 ``/_vault/`` itself, and is the one place where failures become responses.
 """
 
+import hmac
 import json
 import os
 import time
@@ -53,15 +54,42 @@ class VaultRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, backends, vault, reactor):
+    def __init__(self, backends, vault, reactor, access_tokens=()):
         super().__init__()
+        self.access_tokens = [t.encode() for t in access_tokens]
         self.backends = sorted(backends, key=lambda b: len(b.config.prefix), reverse=True)
         self.vault = vault
         self.reactor = reactor
         self.started = time.time()
 
+    def client_allowed(self, request) -> bool:
+        """
+        With ``access_tokens`` set, a client must present one: as
+        ``X-Vault-Token: T``, or as ``Authorization: Bearer T`` (what HF_TOKEN=T
+        makes huggingface_hub send).  A vault token in Authorization is taken
+        off the request, so that it never travels upstream.
+        """
+        if not self.access_tokens:
+            return True
+        presented = request.getHeader(b"x-vault-token")
+        if presented is not None:
+            request.requestHeaders.removeHeader(b"x-vault-token")
+            return any(hmac.compare_digest(presented, t) for t in self.access_tokens)
+        auth = request.getHeader(b"authorization") or b""
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), t) for t in self.access_tokens):
+            request.requestHeaders.removeHeader(b"authorization")
+            return True
+        return False
+
     def render(self, request):
         path = request.path
+        if path != b"/_vault/health" and not self.client_allowed(request):
+            d = maybeDeferred(_raise, VaultError(
+                "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
+                {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}))
+            d.addErrback(respond_error, request, "unauthenticated request")
+            return NOT_DONE_YET
         if path == b"/_vault" or path.startswith(b"/_vault/"):
             d = maybeDeferred(self.render_vault, request, path[len(b"/_vault/"):])
             what = path.decode("ascii", "replace")

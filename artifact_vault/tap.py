@@ -85,7 +85,7 @@ def build_site(config, reactor):
     store = CacheStore(config.cache_dir)
     vault = Vault(reactor=reactor, store=store, inflight=Inflight(), upstream=Upstream(reactor))
     backends = [backend_class(b.type)(b, vault) for b in config.backends]
-    root = VaultRoot(backends, vault, reactor)
+    root = VaultRoot(backends, vault, reactor, config.access_tokens)
     return make_site(root, reactor), root, vault
 
 

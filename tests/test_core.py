@@ -500,3 +500,22 @@ async def test_trailing_slash_and_query_are_forwarded_uncached(vault_factory, up
         assert await r.content() == b"answer"
     assert upstream.count("/dir/") == 2 and upstream.count("/q") == 2
     assert v.store.lookup("files/q") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_tokens_gate_every_client(vault_factory, upstream, http):
+    upstream.add("/a.txt", SMALL)
+    v = vault_factory(backend(upstream, headers={"Authorization": "Bearer upstream-secret"}),
+                      access_tokens=["vault-token-1", "vault-token-2"])
+    r = await http.get(v.url + "/files/a.txt")
+    assert r.code == 401 and r.headers.getRawHeaders("www-authenticate")
+    r = await http.get(v.url + "/files/a.txt", headers={"Authorization": "Bearer wrong-token"})
+    assert r.code == 401
+    assert upstream.requests == []
+    r = await http.get(v.url + "/files/a.txt", headers={"X-Vault-Token": "vault-token-2"})
+    assert r.code == 200 and await r.content() == SMALL
+    r = await http.get(v.url + "/files/a.txt", headers={"Authorization": "Bearer vault-token-1"})
+    assert r.code == 200 and await r.content() == SMALL
+    assert (await http.get(v.url + "/_vault/health")).code == 200  # probes need no token
+    # the vault's own tokens never travel upstream
+    assert all("vault-token" not in " ".join(r.headers.values()) for r in upstream.requests)

@@ -59,6 +59,7 @@ from ..logs import VaultLogger
 from ..serve import StoredBody, serve, set_entity_headers
 from ..store import UnsafePath, safe_segments
 from .base import FORWARD_LIMIT, Backend, relay_headers
+from .hf_access import AccessPolicy
 
 log = VaultLogger()
 
@@ -142,6 +143,7 @@ class HuggingFaceBackend(Backend):
         #: until when (monotonic) the hub counts as down: answers that the
         #: cache can give are given at once instead of waiting for it again
         self._hub_down_until = 0.0
+        self.access = AccessPolicy(self)
 
     # -- hub health ------------------------------------------------------------
 
@@ -195,13 +197,11 @@ class HuggingFaceBackend(Backend):
     # -- auth ------------------------------------------------------------------
 
     def auth_headers(self, request) -> dict:
-        """The client's own Authorization, else the configured token (hub origin only)."""
-        client = request.getHeader(b"authorization")
-        if client:
-            return {"Authorization": client.decode("latin-1")}
-        if self.token:
-            return {"Authorization": f"Bearer {self.token}"}
-        return {}
+        """
+        What goes upstream for this client (to the hub's origin only): its own
+        Authorization, else, with ``access: shared``, the configured token.
+        """
+        return self.access.identity(request)[1]
 
     def public_base(self, request) -> str:
         host = request.getHeader(b"host")
@@ -269,16 +269,21 @@ class HuggingFaceBackend(Backend):
 
     @inlineCallbacks
     def file_info(self, request, repo: Repo, rev: str, path: str):
-        """What the hub says of (repo, rev, path), from the cache when it can or must."""
+        """
+        What the hub says of (repo, rev, path), from the cache when it can or
+        must: (info, asked), where `asked` tells whether the hub answered this
+        client just now (which also settles its access).
+        """
         commit = rev if COMMIT.match(rev) else self.fresh_commit(repo, rev)
         if commit:
             info = self.load_info(repo, commit, path)
             if info is not None:
-                return info
+                return info, False
         known = commit or self.last_commit(repo, rev)
         fallback = self.load_info(repo, known, path) if known else None
         if fallback is not None and self.hub_is_down():
-            return fallback
+            return fallback, False
+        ident = self.access.identity(request)[0]
         try:
             info = yield self._coalesced_head(request, repo, commit or rev, path, self._timeout(fallback))
         except VaultError as e:
@@ -287,9 +292,10 @@ class HuggingFaceBackend(Backend):
                 if fallback is not None:
                     log.info("Answering {repo}@{rev}/{path} from the cache ({why})",
                              repo=repo.name, rev=rev, path=path, why=e.message)
-                    return fallback
+                    return fallback, False
             if not isinstance(e, UpstreamStatus):
                 raise
+            self.access.note_answer(repo, "files", ident, e.code, e.headers)
             if e.code == 404 and e.headers.get("x-error-code") == "EntryNotFound" and e.headers.get("x-repo-commit"):
                 missing = {
                     "missing": True,
@@ -301,9 +307,10 @@ class HuggingFaceBackend(Backend):
                     self.remember_ref(repo, rev, missing["commit"])
                     self.save_info(repo, missing["commit"], path, missing)
             raise
+        self.access.note_answer(repo, "files", ident, 200, {})
         self.remember_ref(repo, rev, info["commit"])
         self.save_info(repo, info["commit"], path, info)
-        return info
+        return info, True
 
     def _coalesced_head(self, request, repo, rev, path, timeout) -> Deferred:
         auth = self.auth_headers(request)
@@ -368,7 +375,9 @@ class HuggingFaceBackend(Backend):
 
     @inlineCallbacks
     def resolve(self, request, repo: Repo, rev: str, path: str):
-        info = yield self.file_info(request, repo, rev, path)
+        info, asked = yield self.file_info(request, repo, rev, path)
+        if not asked:
+            yield self.access.authorize(request, repo, "files", self.resolve_url(repo, info["commit"], path))
         if info.get("missing"):
             raise VaultError(
                 f"{path} does not exist in {repo.name} at {info['commit']}",
@@ -489,23 +498,28 @@ class HuggingFaceBackend(Backend):
         immutable = bool(COMMIT.match(rev))
         entry = self.store.lookup(key)
 
+        url = self._api_url(request, repo, kind, rev, path)
+
+        @inlineCallbacks
         def from_cache(why):
             if why:
                 log.info("Answering {key} from the cache ({why})", why=why, key=key)
+            yield self.access.authorize(request, repo, "api", url if body is None else
+                                        self._api_url(request, repo, "info", rev, ""))
             if entry.meta.get("status", 200) != 200:
                 with open(entry.path, "rb") as f:
                     return self._answer(request, entry.meta["status"], entry.meta.get("error_headers", {}),
                                         entry.meta["content_type"], f.read())
             meta = dict(entry.meta, headers=self._link(request, entry.meta.get("hub_link")))
-            return serve(request, StoredBody(entry), meta)
+            return (yield serve(request, StoredBody(entry), meta))
 
         if entry is not None and immutable:
             log.info("Cache hit for {key}", key=key)
             return (yield from_cache(None))
         if entry is not None and self.hub_is_down():
             return (yield from_cache("the hub is down"))
-        url = self._api_url(request, repo, kind, rev, path)
-        headers = self.auth_headers(request)
+        ident, headers = self.access.identity(request)
+        headers = dict(headers)
         if body is not None:
             headers["Content-Type"] = (request.getHeader(b"content-type") or b"application/x-www-form-urlencoded").decode("latin-1")
         try:
@@ -520,6 +534,8 @@ class HuggingFaceBackend(Backend):
             raise
         if response.code >= 500 or response.code == 429:
             self.note_hub_down(UpstreamStatus(response.code, url, error_headers(response)))
+        else:
+            self.access.note_answer(repo, "api", ident, response.code, error_headers(response))
         if response.code == 200:
             answer = self._clean_json(answer)
             meta = {"content_type": _header(response, "content-type") or "application/json",
