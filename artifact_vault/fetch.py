@@ -13,6 +13,7 @@ is told not to buffer and not to follow redirects itself.
 the client should see.
 """
 
+import errno
 import time
 from urllib.parse import urlsplit
 
@@ -281,13 +282,15 @@ class Upstream:
                 return
             meta = (describe or describe_response)(response)
             meta["upstream_url"] = safe_url(url)
+            total = declared if declared is not None else expected_size
             try:
+                if total is not None and total > store.free_space(key):
+                    raise OSError(errno.ENOSPC, "not enough free space for the announced size")
                 writer = store.writer(key)
             except OSError as e:
                 response.deliverBody(_Discard())
                 transfer.failed(Failure(_storage_error(e, key)))
                 return
-            total = declared if declared is not None else expected_size
             log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
                      label=transfer.label)
             transfer.start_streaming(writer, total, meta)
@@ -374,8 +377,6 @@ def read_body(response, limit: int, truncate: bool = False) -> Deferred:
 
 
 def _storage_error(e: OSError, key: str) -> VaultError:
-    import errno
-
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left in the cache to store {key}")
     if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):

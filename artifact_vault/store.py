@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -110,6 +111,16 @@ class CacheStore:
 
     def writer(self, key: str) -> "CacheWriter":
         return CacheWriter(self, key, self.path_for(key))
+
+    def free_space(self, key: str) -> int:
+        """Bytes free on the filesystem that would hold `key`."""
+        folder = os.path.dirname(self.path_for(key))
+        while not os.path.isdir(folder) and folder != self.root:
+            folder = os.path.dirname(folder)
+        try:
+            return shutil.disk_usage(folder if os.path.isdir(folder) else self.root).free
+        except OSError:
+            return 1 << 62
 
     def remove(self, key: str) -> None:
         path = self.path_for(key)

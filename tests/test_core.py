@@ -519,3 +519,18 @@ async def test_access_tokens_gate_every_client(vault_factory, upstream, http):
     assert (await http.get(v.url + "/_vault/health")).code == 200  # probes need no token
     # the vault's own tokens never travel upstream
     assert all("vault-token" not in " ".join(r.headers.values()) for r in upstream.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_larger_than_the_free_space_is_507_and_nothing_is_written(vault_factory, upstream, http,
+                                                                                 monkeypatch):
+    upstream.add("/small.txt", SMALL)
+    upstream.add("/big.bin", BODY)
+    v = vault_factory(backend(upstream))
+    assert (await http.get(v.url + "/files/small.txt")).code == 200
+    monkeypatch.setattr(v.store, "free_space", lambda key: len(BODY) - 1)
+    r = await http.get(v.url + "/files/big.bin")
+    assert r.code == 507 and "space" in (await r.content()).decode()
+    assert not temp_files(v.config.cache_dir) and v.store.lookup("files/big.bin") is None
+    r = await http.get(v.url + "/files/small.txt")  # hits are still served
+    assert r.code == 200 and await r.content() == SMALL
