@@ -9,7 +9,14 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["artifact_vault", "artifact_vault.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/artifact_vault_plugin.py"]},
-    install_requires=["twisted>=24.7", "treq>=24.9", "PyYAML>=6", "service-identity>=24"],
+    install_requires=[
+        "twisted>=24.7",
+        "treq>=24.9",
+        "PyYAML>=6",
+        "service-identity>=24",
+        # /_vault/metrics: the exposition format and its types, rather than our own writer
+        "prometheus_client>=0.20",
+    ],
     extras_require={
         "test": [
             "pytest>=8",

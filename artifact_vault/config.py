@@ -81,6 +81,26 @@ def _headers(value):
     return None
 
 
+def parse_size(value, key) -> int:
+    """'500G', '10 MiB', '1.5T', 1024 -> bytes (K, M, G, T, P are powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(key, "must be greater than 0")
+        return value
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*$", str(value), re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(key, f"is not a size like 500G or 10MiB: {value!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGTP".index((m.group(2) or " ").upper()))
+
+
+def _size(value):
+    try:
+        parse_size(value, "")
+    except ConfigError as e:
+        return e.problem
+    return None
+
+
 #: Options every backend type understands.
 COMMON_OPTIONS = {
     "prefix": Option(str, None, _prefix),
@@ -88,6 +108,8 @@ COMMON_OPTIONS = {
     "timeout": Option((int, float), 60, _positive),
     "max_redirects": Option(int, 5, _redirect_limit),
     "headers": Option(dict, {}, _headers),
+    # Cap on this backend's share of the cache (e.g. 200G); least recently used entries go first.
+    "max_cache_size": Option((str, int), None, _size),
 }
 
 #: Per type: extra options, and defaults that replace the common ones.
@@ -115,7 +137,8 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
     ),
 }
 
-TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "backends"}
+TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
+             "backends"}
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,7 @@ class BackendConfig:
     timeout: float
     max_redirects: int
     headers: Mapping[str, str]
+    max_cache_size: int | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -140,6 +164,8 @@ class VaultConfig:
     workers: int = 1
     #: when not empty, clients must present one of these (see site.py)
     access_tokens: tuple = ()
+    #: bytes the whole cache may hold (None: no cap)
+    max_cache_size: int | None = None
 
 
 def default_cache_dir(environ=None) -> str:
@@ -208,9 +234,9 @@ def _backend(raw, index, environ) -> BackendConfig:
     where = f"backends[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(where, "must be a mapping with type, name and config")
-    unknown = set(raw) - {"type", "name", "config"}
+    unknown = sorted(str(k) for k in set(raw) - {"type", "name", "config"})
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected type, name, config)")
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key (expected type, name, config)")
     btype = raw.get("type")
     if btype not in BACKEND_TYPES:
         raise ConfigError(f"{where}.type", f"unknown backend type {btype!r} (known: {', '.join(BACKEND_TYPES)})")
@@ -241,6 +267,8 @@ def _backend(raw, index, environ) -> BackendConfig:
         raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '.', '_' or '-' (used as a folder name)")
     if values["prefix"] is None:
         values["prefix"] = f"/{name}/"
+    if values["max_cache_size"] is not None:
+        values["max_cache_size"] = parse_size(values["max_cache_size"], f"{where}.config.max_cache_size")
     common = {k: values.pop(k) for k in COMMON_OPTIONS}
     return BackendConfig(
         type=btype,
@@ -250,6 +278,7 @@ def _backend(raw, index, environ) -> BackendConfig:
         timeout=float(common["timeout"]),
         max_redirects=common["max_redirects"],
         headers=MappingProxyType(dict(common["headers"])),
+        max_cache_size=common["max_cache_size"],
         options=MappingProxyType(values),
     )
 
@@ -308,7 +337,9 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
             if other.name == b.name:
                 raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
         backends.append(b)
-    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens))
+    cap = document.get("max_cache_size")
+    cap = parse_size(cap, "max_cache_size") if cap is not None else None
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap)
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

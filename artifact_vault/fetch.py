@@ -179,8 +179,9 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 class Upstream:
     """The vault's one HTTP client."""
 
-    def __init__(self, reactor, pool: HTTPConnectionPool | None = None):
+    def __init__(self, reactor, pool: HTTPConnectionPool | None = None, metrics=None):
         self.reactor = reactor
+        self.metrics = metrics
         if pool is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 8
@@ -295,7 +296,8 @@ class Upstream:
                      label=transfer.label)
             transfer.start_streaming(writer, total, meta)
             response.deliverBody(
-                _BodyIntoCache(transfer, store, self.reactor, timeout, expected_size, expected_sha256)
+                _BodyIntoCache(transfer, store, self.reactor, timeout, expected_size, expected_sha256,
+                               self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics else None)
             )
 
         def failed(failure):
@@ -392,7 +394,9 @@ class _BodyIntoCache(Protocol):
     the entry is committed.
     """
 
-    def __init__(self, transfer: Transfer, store, reactor, timeout, expected_size, expected_sha256):
+    def __init__(self, transfer: Transfer, store, reactor, timeout, expected_size, expected_sha256,
+                 fetched_counter=None):
+        self.fetched_counter = fetched_counter
         self.transfer = transfer
         self.store = store
         self.reactor = reactor
@@ -412,6 +416,8 @@ class _BodyIntoCache(Protocol):
         if self.error is not None:
             return
         self.idle.reset(self.timeout)
+        if self.fetched_counter is not None:
+            self.fetched_counter.inc(len(data))
         writer = self.transfer.writer
         try:
             writer.write(data)

@@ -15,6 +15,7 @@ a request that comes after sees the committed entry in the store.
 """
 
 import os
+import time
 
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
@@ -43,6 +44,9 @@ class Transfer:
         #: a callable that stops the upstream transfer (set by the fetcher)
         self.cancel_upstream = None
         self.streaming = False
+        #: how many client requests this transfer served (metrics)
+        self.clients = 0
+        self.started_at = time.monotonic()
 
     # -- what the fetcher calls -------------------------------------------
 

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from .logs import VaultLogger
-from .store import Entry
+from .store import Entry, open_readers
 
 log = VaultLogger()
 
@@ -41,7 +41,15 @@ class StoredBody:
         return self.size
 
     def open(self) -> int:
-        return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        open_readers()[self.entry.path] += 1  # eviction leaves it alone meanwhile
+        return fd
+
+    def closed(self):
+        readers = open_readers()
+        readers[self.entry.path] -= 1
+        if readers[self.entry.path] <= 0:
+            del readers[self.entry.path]
 
     def watch(self, callback):
         pass
@@ -264,6 +272,8 @@ class _Streamer:
             self.done = True
             self.body.unwatch(self._more)
             os.close(self.fd)
+            if hasattr(self.body, "closed"):
+                self.body.closed()
 
     def _client_gone(self, result):
         self._close()

@@ -12,13 +12,14 @@ from twisted.internet.defer import maybeDeferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .errors import NotFound, VaultError
+from .errors import (IntegrityError, MethodNotAllowed, NotFound, UpstreamStatus, UpstreamTimeout,
+                     UpstreamUnavailable, VaultError)
 from .logs import VaultLogger
 
 log = VaultLogger()
 
 
-def respond_error(failure, request, what="request"):
+def respond_error(failure, request, what="request", metrics=None):
     """Turn a failure into the answer the client sees (or an aborted connection)."""
     if failure.check(VaultError):
         error = failure.value
@@ -29,6 +30,14 @@ def respond_error(failure, request, what="request"):
     else:
         log.failure("Unexpected error while answering {what}", failure, what=what)
         error = VaultError("internal error, see the vault's log", 500)
+    if metrics is not None:
+        if error.status >= 500 or error.status == 429:
+            metrics.error(what, error.status, error.message)
+        if failure.check(UpstreamStatus):
+            metrics.upstream_errors.labels(getattr(request, "vault_backend", "-"), str(failure.value.code)).inc()
+        elif failure.check(UpstreamUnavailable, UpstreamTimeout, IntegrityError):
+            kind = {UpstreamTimeout: "timeout", IntegrityError: "integrity"}.get(type(failure.value), "unreachable")
+            metrics.upstream_errors.labels(getattr(request, "vault_backend", "-"), kind).inc()
     if getattr(request, "_disconnected", False) or request.finished:
         return None
     if request.startedWriting:
@@ -84,6 +93,8 @@ class VaultRoot(Resource):
 
     def render(self, request):
         path = request.path
+        request.vault_started = time.monotonic()
+        metrics = self.vault.metrics
         if path != b"/_vault/health" and not self.client_allowed(request):
             d = maybeDeferred(_raise, VaultError(
                 "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
@@ -99,11 +110,22 @@ class VaultRoot(Resource):
                 d = maybeDeferred(_raise, NotFound("no backend is configured for this path"))
                 what = "request"
             else:
+                request.vault_backend = backend.name
+                if metrics is not None:
+                    request.notifyFinish().addBoth(self._account, request, metrics)
                 prefix = backend.config.prefix.encode("ascii")
                 d = maybeDeferred(backend.handle, request, path[len(prefix):])
                 what = f"{request.method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')[:300]}"
-        d.addErrback(respond_error, request, what)
+        d.addErrback(respond_error, request, what, metrics)
         return NOT_DONE_YET
+
+    @staticmethod
+    def _account(result, request, metrics):
+        outcome = getattr(request, "vault_outcome", None) or "forwarded"
+        if request.code >= 400:
+            outcome = "error"
+        metrics.requests.labels(request.vault_backend, outcome).inc()
+        metrics.served_bytes.labels(request.vault_backend, outcome).inc(request.sentLength)
 
     def backend_for(self, path: bytes):
         for backend in self.backends:
@@ -114,8 +136,6 @@ class VaultRoot(Resource):
 
     def render_vault(self, request, what: bytes):
         if request.method not in (b"GET", b"HEAD"):
-            from .errors import MethodNotAllowed
-
             raise MethodNotAllowed("the status pages are read-only")
         if what == b"health":
             return self._json(request, {
@@ -127,7 +147,45 @@ class VaultRoot(Resource):
                 ],
                 "downloads_in_flight": len(self.vault.inflight),
             })
+        if what == b"metrics" and self.vault.metrics is not None:
+            body = self.vault.metrics.render()
+            request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+            request.setHeader(b"content-length", b"%d" % len(body))
+            if request.method != b"HEAD":
+                request.write(body)
+            request.finish()
+            return None
+        if what == b"status.json":
+            return self._json(request, self.status())
         raise NotFound("unknown status page")
+
+    def status(self) -> dict:
+        """What the status page shows: use, hit ratio, downloads in flight, recent errors."""
+        metrics = self.vault.metrics
+        totals = metrics.totals() if metrics else {}
+        answered = sum(totals.values())
+        from_cache = totals.get("hit", 0) + totals.get("stale", 0)
+        now = time.monotonic()
+        downloads = []
+        for t in self.vault.inflight.transfers():
+            elapsed = max(now - t.started_at, 1e-3)
+            got = t.available()
+            downloads.append({
+                "name": t.label, "bytes": got, "total": t.size,
+                "percent": round(100 * got / t.size, 1) if t.size else None,
+                "rate": round(got / elapsed), "clients": t.watcher_count, "seconds": round(elapsed, 1),
+            })
+        usage = getattr(self.vault, "usage", None) or {}
+        return {
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "backends": [{"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in self.backends],
+            "requests": totals,
+            "hit_ratio": round(from_cache / answered, 3) if answered else None,
+            "cache": usage,
+            "downloads": downloads,
+            "recent_errors": list(metrics.recent_errors) if metrics else [],
+        }
 
     def _json(self, request, document):
         body = json.dumps(document, indent=1).encode() + b"\n"
@@ -143,7 +201,25 @@ def _raise(error):
     raise error
 
 
+def access_log_line(timestamp, request) -> str:
+    """One line per request: client, request line, status, body bytes, cache outcome, duration."""
+    addr = request.getClientAddress()
+    ip = getattr(addr, "host", "-")
+    started = getattr(request, "vault_started", None)
+    duration = f"{time.monotonic() - started:.3f}s" if started is not None else "-"
+    return '%s "%s %s %s" %d %d %s %s "%s"' % (
+        ip, _escape(request.method), _escape(request.uri), _escape(request.clientproto), request.code,
+        request.sentLength, getattr(request, "vault_outcome", None) or "-", duration,
+        _escape(request.getHeader(b"user-agent") or b"-"),
+    )
+
+
+def _escape(value: bytes) -> str:
+    text = value.decode("ascii", "backslashreplace") if isinstance(value, bytes) else str(value)
+    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "\\x%02x" % ord(c) for c in text)
+
+
 def make_site(root, reactor) -> Site:
-    site = Site(root, reactor=reactor)
+    site = Site(root, reactor=reactor, logFormatter=access_log_line)
     site.displayTracebacks = False
     return site

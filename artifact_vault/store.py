@@ -15,6 +15,7 @@ checked; `CacheStore.path_for` checks again that the result stays below
 ``cache_dir``, so no key can name a file outside it.
 """
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -31,6 +32,14 @@ TEMP_SUFFIX = ".vault-tmp"
 RESERVED_SUFFIXES = (META_SUFFIX, TEMP_SUFFIX)
 MAX_SEGMENT = 200  # bytes; leaves room for the temp suffix under NAME_MAX (255)
 MAX_PATH = 3000
+
+
+_READERS: collections.Counter = collections.Counter()
+
+
+def open_readers() -> collections.Counter:
+    """path -> how many clients of this process are reading that committed file now."""
+    return _READERS
 
 
 class UnsafePath(ValueError):
@@ -108,6 +117,13 @@ class CacheStore:
         if not isinstance(meta, dict) or meta.get("size") != size:
             return None
         return Entry(key, path, meta)
+
+    def touch(self, entry: Entry) -> None:
+        """Mark `entry` as just used: its sidecar's mtime is the clock of LRU eviction."""
+        try:
+            os.utime(entry.path + META_SUFFIX)
+        except OSError:
+            pass
 
     def writer(self, key: str) -> "CacheWriter":
         return CacheWriter(self, key, self.path_for(key))

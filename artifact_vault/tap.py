@@ -18,6 +18,8 @@ from .backends.base import Vault
 from .config import ConfigError, load
 from .fetch import Upstream
 from .inflight import Inflight
+from .janitor import Janitor
+from .metrics import VaultMetrics
 from .site import VaultRoot, make_site
 from .store import CacheStore
 from .workers import ListenService, WorkerPool
@@ -83,8 +85,12 @@ def build_site(config, reactor):
     """The web site of a vault with `config`: (site, root resource, shared machinery)."""
     logs.set_level(config.log_level)
     store = CacheStore(config.cache_dir)
-    vault = Vault(reactor=reactor, store=store, inflight=Inflight(), upstream=Upstream(reactor))
+    inflight = Inflight()
+    metrics = VaultMetrics(inflight)
+    vault = Vault(reactor=reactor, store=store, inflight=inflight, upstream=Upstream(reactor, metrics=metrics),
+                  metrics=metrics)
     backends = [backend_class(b.type)(b, vault) for b in config.backends]
+    vault.janitor = Janitor(vault, config, backends, reactor)
     root = VaultRoot(backends, vault, reactor, config.access_tokens)
     return make_site(root, reactor), root, vault
 
@@ -102,6 +108,7 @@ def makeService(options, reactor=None):
         sys.stderr.write(f"artifact-vault: configuration error: --listen {description!r}: {e}\n")
         raise SystemExit(2)
     server.setServiceParent(top)
+    vault.janitor.setServiceParent(top)
     if config.workers > 1:
         WorkerPool(config.workers - 1, server, options, reactor).setServiceParent(top)
     top.vault = vault

@@ -38,6 +38,10 @@ class Vault:
     store: CacheStore
     inflight: Inflight
     upstream: Upstream
+    metrics: object = None
+    janitor: object = None
+    #: cache use as the janitor last measured it (status page)
+    usage: dict | None = None
 
 
 #: response headers of an upstream answer worth relaying on a forwarded request
@@ -64,6 +68,10 @@ class Backend:
         self.store = vault.store
         #: headers sent upstream on every request (and dropped on a hop to another origin)
         self.upstream_headers = dict(config.headers)
+
+    def evictable(self, key: str) -> bool:
+        """May the janitor remove this entry to respect max_cache_size?"""
+        return True
 
     def handle(self, request, subpath: bytes) -> Deferred:
         raise NotImplementedError  # pragma: no cover - every backend type defines it
@@ -101,6 +109,8 @@ class Backend:
         entry = self.store.lookup(key)
         if entry is not None:
             log.info("Cache hit for {label}", label=label)
+            set_outcome(request, "hit")
+            self.store.touch(entry)
             meta = dict(entry.meta, **(meta_override or {}))
             return serve(request, StoredBody(entry), meta)
 
@@ -131,15 +141,23 @@ class Backend:
             transfer.on_streaming(lambda t: lock.publish(
                 {"temp": t.writer.temp_path, "total": t.total, "meta": t.meta, "pid": os.getpid()}))
             transfer.on_finished(lambda t: lock.release())
+            if self.vault.metrics is not None:
+                transfer.on_finished(lambda t: self.vault.metrics.waiters_per_download.observe(t.clients))
+            if self.vault.janitor is not None:
+                transfer.on_finished(lambda t: t.entry is not None and self.vault.janitor.note_added(t.entry.size))
             return transfer
 
         transfer, started = self.vault.inflight.join(key, start)
+        transfer.clients += 1
         if isinstance(transfer, RemoteTransfer):
             log.info("Following the download of {label} by another vault process", label=label)
+            set_outcome(request, "joined")
         elif started:
             log.info("Cache miss for {label}, fetching {url}", label=label, url=safe_url(url))
+            set_outcome(request, "miss")
         else:
             log.info("Joining the download of {label}", label=label)
+            set_outcome(request, "joined")
 
         def streaming(t):
             if getattr(request, "_disconnected", False):
@@ -186,6 +204,7 @@ class Backend:
         caching it.  `rewrite(body, response) -> body` may edit a good body.
         """
         d = self.request_upstream(method, url, headers, data=data)
+        set_outcome(request, "forwarded")
 
         def got(response):
             return read_body(response, FORWARD_LIMIT).addCallback(lambda body: (response, body))
@@ -209,6 +228,12 @@ class Backend:
             request.finish()
 
         return d.addCallback(got).addCallback(answer)
+
+
+def set_outcome(request, outcome: str) -> None:
+    """How the cache answered this request (for metrics and the access log); "stale" sticks."""
+    if getattr(request, "vault_outcome", None) != "stale":
+        request.vault_outcome = outcome
 
 
 def relay_headers(response, names) -> dict:

@@ -145,6 +145,10 @@ class HuggingFaceBackend(Backend):
         self._hub_down_until = 0.0
         self.access = AccessPolicy(self)
 
+    def evictable(self, key: str) -> bool:
+        """Contents and blobs may go; the metadata that offline use needs stays."""
+        return key.split("/")[1:2] in (["files"], ["blobs"])
+
     # -- hub health ------------------------------------------------------------
 
     def hub_is_down(self) -> bool:

@@ -1,0 +1,149 @@
+"""
+Keeping the cache within ``max_cache_size`` and knowing how big it is.
+
+Every `SCAN_INTERVAL` seconds, and soon after a download that may have
+pushed the cache over a cap, the janitor walks the cache in a thread and
+lists the entries: size, and last use (the mtime of the sidecar, which
+`CacheStore.touch` sets on every hit; atime is not relied on).  Back in the
+reactor it updates the usage gauges and, where a cap is exceeded, removes the
+least recently used entries that the backend says may go (for the Hugging
+Face backend: file contents and blobs; the small metadata that offline use
+needs stays), never one that a client is reading right now, until the cap
+holds again: first each backend's own cap, then the global one.
+"""
+
+import os
+from dataclasses import dataclass
+
+from twisted.application import service
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+
+from .logs import VaultLogger
+from .store import META_SUFFIX, TEMP_SUFFIX, open_readers
+
+log = VaultLogger()
+
+SCAN_INTERVAL = 60.0
+SOON = 1.0
+
+
+@dataclass
+class _Entry:
+    key: str
+    backend: str
+    size: int
+    used: float
+
+
+class Janitor(service.Service):
+    def __init__(self, vault, config, backends, reactor):
+        self.vault = vault
+        self.store = vault.store
+        self.cap = config.max_cache_size
+        self.backends = {b.name: b for b in backends}
+        self.reactor = reactor
+        self.total = 0
+        self._soon = None
+        self._scanning = None
+        self._loop = LoopingCall(self.scan)
+        self._loop.clock = reactor
+
+    def startService(self):
+        super().startService()
+        self._loop.start(SCAN_INTERVAL, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        return self._scanning
+
+    def note_added(self, size: int) -> None:
+        """A download was committed: scan soon if that may break a cap."""
+        self.total += size
+        capped = self.cap is not None or any(b.config.max_cache_size for b in self.backends.values())
+        if capped and (self._soon is None or not self._soon.active()):
+            self._soon = self.reactor.callLater(SOON, self.scan)
+
+    def scan(self):
+        if self._scanning is not None:
+            return self._scanning
+        d = self._scanning = deferToThread(self._collect)
+
+        def done(result):
+            self._scanning = None
+            return result
+
+        d.addCallback(self._apply)
+        d.addErrback(lambda f: log.failure("Cache scan failed", f))
+        return d.addBoth(done)
+
+    def _collect(self) -> list[_Entry]:
+        entries = []
+        root = self.store.root
+        for folder, dirs, files in os.walk(root):
+            if folder == root and ".locks" in dirs:
+                dirs.remove(".locks")
+            names = set(files)
+            for name in files:
+                if name.endswith((META_SUFFIX, TEMP_SUFFIX)) or name + META_SUFFIX not in names:
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    size = os.stat(path).st_size
+                    used = os.stat(path + META_SUFFIX).st_mtime
+                except OSError:
+                    continue
+                key = os.path.relpath(path, root)
+                entries.append(_Entry(key, key.split(os.sep, 1)[0], size, used))
+        return entries
+
+    def _apply(self, entries: list[_Entry]) -> None:
+        usage: dict[str, dict] = {}
+        for e in entries:
+            u = usage.setdefault(e.backend, {"bytes": 0, "files": 0})
+            u["bytes"] += e.size
+            u["files"] += 1
+        self.total = sum(u["bytes"] for u in usage.values())
+        metrics = self.vault.metrics
+        if metrics is not None:
+            for name, u in usage.items():
+                metrics.cache_bytes.labels(name).set(u["bytes"])
+                metrics.cache_files.labels(name).set(u["files"])
+        self.vault.usage = {"bytes": self.total, "files": sum(u["files"] for u in usage.values()),
+                            "max_bytes": self.cap, "backends": usage}
+        for name, backend in self.backends.items():
+            cap = backend.config.max_cache_size
+            if cap is not None:
+                self._evict([e for e in entries if e.backend == name], cap, usage)
+        if self.cap is not None:
+            self._evict(entries, self.cap, usage)
+
+    def _evict(self, entries: list[_Entry], cap: int, usage: dict) -> None:
+        held = sum(e.size for e in entries)
+        if held <= cap:
+            return
+        reading = open_readers()
+        for e in sorted(entries, key=lambda e: e.used):
+            if held <= cap:
+                break
+            backend = self.backends.get(e.backend)
+            if e.size == 0 or (backend is not None and not backend.evictable(e.key)):
+                continue
+            path = self.store.path_for(e.key)
+            if reading.get(path):
+                continue
+            size, e.size = e.size, 0
+            self.store.remove(e.key)
+            held -= size
+            self.total -= size
+            usage[e.backend]["bytes"] -= size
+            usage[e.backend]["files"] -= 1
+            self.vault.usage["bytes"] = self.total
+            if self.vault.metrics is not None:
+                self.vault.metrics.evictions.labels(e.backend).inc()
+                self.vault.metrics.evicted_bytes.labels(e.backend).inc(size)
+            log.info("Evicted {key} (least recently used) to keep the cache under {cap} bytes", key=e.key, cap=cap)
