@@ -21,6 +21,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "hypothesis>=6",
             # The real clients the Hugging Face tests drive (versions the protocol notes were read from).
             "huggingface_hub>=2.4,<3",
             "hf_xet>=1.8,<2",

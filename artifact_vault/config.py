@@ -138,7 +138,7 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
 }
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
-             "backends"}
+             "admin_token", "backends"}
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ class VaultConfig:
     access_tokens: tuple = ()
     #: bytes the whole cache may hold (None: no cap)
     max_cache_size: int | None = None
+    #: guards /_vault/admin/ (None: the admin endpoints are off)
+    admin_token: str | None = None
 
 
 def default_cache_dir(environ=None) -> str:
@@ -339,7 +341,11 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
         backends.append(b)
     cap = document.get("max_cache_size")
     cap = parse_size(cap, "max_cache_size") if cap is not None else None
-    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap)
+    admin = document.get("admin_token") or None
+    if admin is not None and (not isinstance(admin, str) or len(admin) < 16 or not admin.isprintable()
+                              or " " in admin):
+        raise ConfigError("admin_token", "must be a string of 16 or more printable characters without spaces")
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin)
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

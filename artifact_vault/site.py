@@ -63,8 +63,9 @@ class VaultRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, backends, vault, reactor, access_tokens=()):
+    def __init__(self, backends, vault, reactor, access_tokens=(), admin_token=None):
         super().__init__()
+        self.admin_token = admin_token
         self.access_tokens = [t.encode() for t in access_tokens]
         self.backends = sorted(backends, key=lambda b: len(b.config.prefix), reverse=True)
         self.vault = vault
@@ -135,8 +136,16 @@ class VaultRoot(Resource):
         return None
 
     def render_vault(self, request, what: bytes):
+        if what.startswith(b"admin/"):
+            from . import admin
+
+            return admin.handle(self, request, what[len(b"admin/"):])
         if request.method not in (b"GET", b"HEAD"):
             raise MethodNotAllowed("the status pages are read-only")
+        if what == b"" and request.path.endswith(b"/"):
+            from .status_page import render_status_page
+
+            return render_status_page(self, request)
         if what == b"health":
             return self._json(request, {
                 "status": "ok",

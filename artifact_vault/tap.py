@@ -91,7 +91,7 @@ def build_site(config, reactor):
                   metrics=metrics)
     backends = [backend_class(b.type)(b, vault) for b in config.backends]
     vault.janitor = Janitor(vault, config, backends, reactor)
-    root = VaultRoot(backends, vault, reactor, config.access_tokens)
+    root = VaultRoot(backends, vault, reactor, config.access_tokens, config.admin_token)
     return make_site(root, reactor), root, vault
 
 
