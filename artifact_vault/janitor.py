@@ -107,6 +107,16 @@ class Janitor(service.Service):
             u = usage.setdefault(e.backend, {"bytes": 0, "files": 0})
             u["bytes"] += e.size
             u["files"] += 1
+        for name, backend in self.backends.items():
+            cap = backend.config.max_cache_size
+            if cap is not None:
+                self._evict([e for e in entries if e.backend == name], cap, usage)
+        if self.cap is not None:
+            self._evict(entries, self.cap, usage)
+        self._publish(usage)
+
+    def _publish(self, usage: dict) -> None:
+        """Usage after this scan's evictions: gauges and the status page."""
         self.total = sum(u["bytes"] for u in usage.values())
         metrics = self.vault.metrics
         if metrics is not None:
@@ -115,12 +125,6 @@ class Janitor(service.Service):
                 metrics.cache_files.labels(name).set(u["files"])
         self.vault.usage = {"bytes": self.total, "files": sum(u["files"] for u in usage.values()),
                             "max_bytes": self.cap, "backends": usage}
-        for name, backend in self.backends.items():
-            cap = backend.config.max_cache_size
-            if cap is not None:
-                self._evict([e for e in entries if e.backend == name], cap, usage)
-        if self.cap is not None:
-            self._evict(entries, self.cap, usage)
 
     def _evict(self, entries: list[_Entry], cap: int, usage: dict) -> None:
         held = sum(e.size for e in entries)
@@ -139,10 +143,8 @@ class Janitor(service.Service):
             size, e.size = e.size, 0
             self.store.remove(e.key)
             held -= size
-            self.total -= size
             usage[e.backend]["bytes"] -= size
             usage[e.backend]["files"] -= 1
-            self.vault.usage["bytes"] = self.total
             if self.vault.metrics is not None:
                 self.vault.metrics.evictions.labels(e.backend).inc()
                 self.vault.metrics.evicted_bytes.labels(e.backend).inc(size)

