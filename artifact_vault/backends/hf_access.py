@@ -10,8 +10,9 @@ vault answers from its cache without asking the hub, it looks for a yes no
 older than ``access_ttl``; a yes for the anonymous identity means the repo is
 public and opens it to everyone.  Without a fresh answer it asks the hub a
 cheap HEAD with the client's identity.  While the hub is unreachable, only
-a yes no older than ``offline_access_grace`` is honoured: offline never
-means public.
+a yes no older than ``offline_access_grace`` is honoured (offline never
+means public), except that a repo the hub showed to anonymous clients stays
+open to everyone: it was public when last asked.
 
 Identities: ``access: shared`` (default, the integration guide's setup) lets a
 client without a token of its own act with the vault's token, so whoever
@@ -130,10 +131,12 @@ class AccessPolicy:
         return None
 
     def _offline(self, repo, scope, ident, why):
-        for who in {ident, "anonymous"}:
-            record = self.recall(repo, scope, who)
-            if self._fresh(record, self.grace) and record["allowed"]:
-                return None
+        public = self.recall(repo, scope, "anonymous")
+        if public is not None and public["allowed"]:
+            return None  # public when last asked: what it served then, it may serve now
+        record = self.recall(repo, scope, ident)
+        if self._fresh(record, self.grace) and record["allowed"]:
+            return None
         log.info("Not serving {repo} from the cache: access cannot be checked ({why})", repo=repo.name, why=why)
         raise VaultError(
             f"{repo.name}: the hub cannot confirm access right now ({why}), and this client has no recent"
