@@ -75,6 +75,7 @@ def test_hf_hub_download_by_branch_tag_commit_subfolder_and_dataset(hub, vault, 
             "pr": dl(R, "config.json", revision="refs/pr/1"),
             "legacy": dl("gpt2", "config.json"),
             "dataset": dl("acme/tiny-dataset", "data/train.jsonl", repo_type="dataset"),
+            "space": dl("acme/tiny-space", "index.html", repo_type="space"),
         }}
     """)
     src = minilm_dir()
@@ -89,6 +90,8 @@ def test_hf_hub_download_by_branch_tag_commit_subfolder_and_dataset(hub, vault, 
     assert git_blob_sha1(read(res["legacy"])) == gpt2["config.json"]["etag"]
     _, ds = files_of(hub, "datasets/acme/tiny-dataset")
     assert git_blob_sha1(read(res["dataset"])) == ds["data/train.jsonl"]["etag"]
+    _, space = files_of(hub, "spaces/acme/tiny-space")
+    assert git_blob_sha1(read(res["space"])) == space["index.html"]["etag"]
     # The vault fetched the LFS file from the CDN once, without the client's or any token.
     cdn = cdn_requests(hub)
     assert len([r for r in cdn if r["method"] == "GET"]) == 1
