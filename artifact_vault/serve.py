@@ -156,6 +156,21 @@ def set_entity_headers(request, meta: dict) -> None:
         request.setHeader(name, value)
 
 
+def send_small(request, content_type, body: bytes, status: int | None = None, headers=None) -> None:
+    """A whole small body in one go (error texts, JSON, metrics); HEAD gets the headers only."""
+    if getattr(request, "_disconnected", False):
+        return
+    if status is not None:
+        request.setResponseCode(status)
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
 def serve(request, body, meta: dict) -> Deferred:
     """
     Answer `request` from `body` (a `StoredBody` or a streaming `Transfer`).

@@ -15,6 +15,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from .errors import (IntegrityError, MethodNotAllowed, NotFound, UpstreamStatus, UpstreamTimeout,
                      UpstreamUnavailable, VaultError)
 from .logs import VaultLogger
+from .serve import send_small
 
 log = VaultLogger()
 
@@ -44,17 +45,10 @@ def respond_error(failure, request, what="request", metrics=None):
         # Headers (and maybe part of the body) are out: the only honest signal left.
         request.channel.transport.abortConnection()
         return None
-    request.setResponseCode(error.status)
     for name in (b"etag", b"last-modified", b"accept-ranges", b"content-range", b"content-encoding"):
         request.responseHeaders.removeHeader(name)
-    for name, value in error.headers.items():
-        request.setHeader(name, value)
-    body = f"{error.status} {error.message}\n".encode("utf-8", "replace")
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
+    send_small(request, b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace"),
+               error.status, error.headers)
     return None
 
 
@@ -157,13 +151,7 @@ class VaultRoot(Resource):
                 "downloads_in_flight": len(self.vault.inflight),
             })
         if what == b"metrics" and self.vault.metrics is not None:
-            body = self.vault.metrics.render()
-            request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            request.setHeader(b"content-length", b"%d" % len(body))
-            if request.method != b"HEAD":
-                request.write(body)
-            request.finish()
-            return None
+            return send_small(request, b"text/plain; version=0.0.4; charset=utf-8", self.vault.metrics.render())
         if what == b"status.json":
             return self._json(request, self.status())
         raise NotFound("unknown status page")
@@ -197,13 +185,8 @@ class VaultRoot(Resource):
         }
 
     def _json(self, request, document):
-        body = json.dumps(document, indent=1).encode() + b"\n"
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.setHeader(b"cache-control", b"no-store")
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
+        send_small(request, b"application/json", json.dumps(document, indent=1).encode() + b"\n",
+                   headers={b"cache-control": b"no-store"})
 
 
 def _raise(error):

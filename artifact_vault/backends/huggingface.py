@@ -56,7 +56,7 @@ from ..errors import (
 )
 from ..fetch import error_headers, read_body
 from ..logs import VaultLogger
-from ..serve import StoredBody, serve, set_entity_headers
+from ..serve import StoredBody, send_small, serve, set_entity_headers
 from ..store import UnsafePath, safe_segments
 from .base import FORWARD_LIMIT, Backend, relay_headers
 from .hf_access import AccessPolicy
@@ -562,17 +562,7 @@ class HuggingFaceBackend(Backend):
 
     @staticmethod
     def _answer(request, status: int, headers: dict, content_type: str, body: bytes):
-        if getattr(request, "_disconnected", False):
-            return None
-        request.setResponseCode(status)
-        for name, value in headers.items():
-            request.setHeader(name, value)
-        request.setHeader(b"content-type", content_type)
-        request.setHeader(b"content-length", b"%d" % len(body))
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
-        return None
+        return send_small(request, content_type, body, status, headers)
 
     def _learn_commit(self, repo: Repo, rev: str, answer: bytes) -> None:
         try:

@@ -1,0 +1,336 @@
+"""
+The status page at ``/_vault/``: one self-contained HTML document (inline
+CSS and JS, nothing loaded from elsewhere) for an operator's browser.
+
+The server renders the page with the numbers of `VaultRoot.status` already
+in it, so it is useful without JS (and to ``curl``).  Its script then asks
+``status.json`` (a relative URL: the page also works behind a reverse proxy
+that adds a path prefix) every second and redraws the same sections from the
+answer with DOM calls only, so nothing a client chose (file names, paths in
+error messages) is ever parsed as markup; on the server every value goes
+through `html.escape`.  A Content-Security-Policy with a per-render nonce
+allows only this page's own script to run.
+
+The body's ``data-updates`` counts the redraws from ``status.json`` since the
+page loaded (the headless-browser test reads it).
+"""
+
+import html
+import json
+import secrets
+import time
+
+OUTCOMES = ("hit", "miss", "joined", "stale", "forwarded", "error")
+
+
+def render_status_page(root, request):
+    status = root.status()
+    caps = {b.name: b.config.max_cache_size for b in root.backends}
+    nonce = secrets.token_urlsafe(16)
+    body = page(status, caps, nonce).encode("utf-8")
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"referrer-policy", b"no-referrer")
+    request.setHeader(b"content-security-policy", (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'").encode())
+    request.setHeader(b"content-length", b"%d" % len(body))
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+# -- formatting (the script has the same functions, in JS) ------------------------
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def clock(t) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else ""
+
+
+def ratio(r) -> str:
+    return "–" if r is None else f"{100 * r:.1f} %"
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _plural(n, word) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# -- sections -------------------------------------------------------------------------
+
+
+def summary_html(s: dict) -> str:
+    cache = s.get("cache") or {}
+    used = human_bytes(cache["bytes"]) if "bytes" in cache else "not measured yet"
+    if cache.get("max_bytes"):
+        used += f" of {human_bytes(cache['max_bytes'])}"
+    cards = [
+        ("Cache used", used, "cache-bytes"),
+        ("Files", str(cache.get("files", "–")), "cache-files"),
+        ("Hit ratio", ratio(s.get("hit_ratio")), "hit-ratio"),
+        ("Downloads in flight", str(len(s.get("downloads") or [])), "inflight"),
+    ]
+    return "".join(f'<div class="card"><div class="label">{_e(label)}</div>'
+                   f'<div class="value" id="{key}">{_e(value)}</div></div>' for label, value, key in cards)
+
+
+def backends_html(s: dict, caps: dict) -> str:
+    per = (s.get("cache") or {}).get("backends") or {}
+    rows = []
+    for b in s.get("backends") or []:
+        u = per.get(b["name"], {})
+        cap = caps.get(b["name"])
+        rows.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
+            b["name"], b["type"], b["prefix"], human_bytes(u.get("bytes", 0)), u.get("files", 0),
+            human_bytes(cap) if cap else "–")) + "</tr>")
+    return "".join(rows) or '<tr><td colspan="6" class="empty">No backends.</td></tr>'
+
+
+def requests_html(s: dict) -> str:
+    totals = s.get("requests") or {}
+    names = list(OUTCOMES) + sorted(k for k in totals if k not in OUTCOMES)
+    return "".join(f'<tr><td>{_e(name)}</td><td class="num">{int(totals.get(name, 0))}</td></tr>' for name in names)
+
+
+def download_facts(d: dict) -> str:
+    amount = human_bytes(d.get("bytes"))
+    if d.get("total") is not None:
+        amount += f" of {human_bytes(d['total'])}"
+    return " · ".join([amount, human_bytes(d.get("rate")) + "/s", _plural(d.get("clients", 0), "client"),
+                       f"{d.get('seconds', 0)} s"])
+
+
+def percent_text(d: dict) -> str:
+    return "size unknown" if d.get("percent") is None else f"{d['percent']:.1f} %"
+
+
+def downloads_html(s: dict) -> str:
+    items = []
+    for d in s.get("downloads") or []:
+        pct = d.get("percent")
+        bar = (f'<progress max="100" value="{_e(pct)}">{_e(percent_text(d))}</progress>' if pct is not None
+               else '<progress max="100"></progress>')
+        items.append(
+            '<li class="download">'
+            f'<div class="dl-head"><span class="dl-name">{_e(d.get("name", ""))}</span>'
+            f'<span class="dl-pct">{_e(percent_text(d))}</span></div>'
+            f'{bar}<div class="dl-facts">{_e(download_facts(d))}</div></li>')
+    return "".join(items) or '<li class="empty">No downloads in flight.</li>'
+
+
+def errors_html(s: dict) -> str:
+    rows = []
+    for err in s.get("recent_errors") or []:
+        rows.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
+            clock(err.get("time")), err.get("status", ""), err.get("what", ""), err.get("message", ""))) + "</tr>")
+    return "".join(rows) or '<tr><td colspan="4" class="empty">No errors recently.</td></tr>'
+
+
+def facts_text(s: dict) -> str:
+    return f"pid {s.get('pid')} · up {int(s.get('uptime_seconds') or 0)} s"
+
+
+def page(status: dict, caps: dict, nonce: str) -> str:
+    caps_json = json.dumps(caps).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Artifact Vault</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 70em; padding: 0 1em;
+       color: #1d2330; background: #f7f8fa; }}
+h1 {{ font-size: 1.4em; margin: 0; }}
+h2 {{ font-size: 1.1em; margin: 1.5em 0 .5em; }}
+header {{ display: flex; justify-content: space-between; align-items: baseline; flex-wrap: wrap; gap: 1em; }}
+#live {{ color: #667; font-size: .9em; }}
+#live.failed {{ color: #b3261e; }}
+.cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(12em, 1fr)); gap: .8em; margin-top: 1em; }}
+.card {{ background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: .7em 1em; }}
+.card .label {{ color: #667; font-size: .85em; }}
+.card .value {{ font-size: 1.3em; font-weight: 600; }}
+table {{ border-collapse: collapse; width: 100%; background: #fff; border: 1px solid #dde1e8; }}
+th, td {{ text-align: left; padding: .35em .7em; border-bottom: 1px solid #eceef2; vertical-align: top; }}
+th {{ background: #eef0f4; font-weight: 600; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td {{ overflow-wrap: anywhere; }}
+.empty {{ color: #889; font-style: italic; }}
+ul#downloads {{ list-style: none; padding: 0; margin: 0; }}
+li.download {{ background: #fff; border: 1px solid #dde1e8; border-radius: 6px; padding: .6em 1em; margin-bottom: .5em; }}
+.dl-head {{ display: flex; justify-content: space-between; gap: 1em; }}
+.dl-name {{ font-family: ui-monospace, monospace; overflow-wrap: anywhere; }}
+.dl-pct {{ font-weight: 600; white-space: nowrap; }}
+progress {{ width: 100%; height: 1em; margin: .3em 0; }}
+.dl-facts {{ color: #556; font-size: .9em; }}
+</style>
+</head>
+<body data-updates="0">
+<header><h1>Artifact Vault</h1><span id="facts">{_e(facts_text(status))}</span>
+<span id="live">as of {_e(clock(time.time()))}</span></header>
+<div class="cards" id="summary">{summary_html(status)}</div>
+<h2>Downloads in flight</h2>
+<ul id="downloads">{downloads_html(status)}</ul>
+<h2>Cache by backend</h2>
+<table><thead><tr><th>Backend</th><th>Type</th><th>Prefix</th><th>Bytes</th><th>Files</th><th>Cap</th></tr></thead>
+<tbody id="backends">{backends_html(status, caps)}</tbody></table>
+<h2>Requests by outcome</h2>
+<table><thead><tr><th>Outcome</th><th>Requests</th></tr></thead>
+<tbody id="requests">{requests_html(status)}</tbody></table>
+<h2>Recent errors</h2>
+<table><thead><tr><th>Time</th><th>Status</th><th>Request</th><th>Message</th></tr></thead>
+<tbody id="errors">{errors_html(status)}</tbody></table>
+<script type="application/json" id="caps">{caps_json}</script>
+<script nonce="{_e(nonce)}">
+{SCRIPT}
+</script>
+</body>
+</html>
+"""
+
+
+SCRIPT = r"""
+(function () {
+  "use strict";
+  var OUTCOMES = ["hit", "miss", "joined", "stale", "forwarded", "error"];
+  var caps = JSON.parse(document.getElementById("caps").textContent);
+  var updates = 0;
+
+  function el(tag, text, cls) {
+    var node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (cls) node.className = cls;
+    return node;
+  }
+  function row(values) {
+    var tr = el("tr");
+    values.forEach(function (v) { tr.appendChild(el("td", v)); });
+    return tr;
+  }
+  function fill(id, nodes, empty, colspan) {
+    var parent = document.getElementById(id);
+    while (parent.firstChild) parent.removeChild(parent.firstChild);
+    if (!nodes.length && empty) {
+      if (colspan) {
+        var tr = el("tr"), td = el("td", empty, "empty");
+        td.colSpan = colspan; tr.appendChild(td); nodes = [tr];
+      } else {
+        nodes = [el("li", empty, "empty")];
+      }
+    }
+    nodes.forEach(function (n) { parent.appendChild(n); });
+  }
+  function humanBytes(n) {
+    if (n === null || n === undefined) return "?";
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    for (var i = 0; i < units.length; i++) {
+      if (Math.abs(n) < 1024 || i === units.length - 1)
+        return i === 0 ? Math.floor(n) + " B" : n.toFixed(1) + " " + units[i];
+      n /= 1024;
+    }
+  }
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  function clock(t) {
+    if (!t) return "";
+    var d = new Date(t * 1000);
+    return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  }
+  function ratio(r) { return r === null || r === undefined ? "\u2013" : (100 * r).toFixed(1) + " %"; }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+  function percentText(d) {
+    return d.percent === null || d.percent === undefined ? "size unknown" : d.percent.toFixed(1) + " %";
+  }
+  function downloadFacts(d) {
+    var amount = humanBytes(d.bytes);
+    if (d.total !== null && d.total !== undefined) amount += " of " + humanBytes(d.total);
+    return [amount, humanBytes(d.rate) + "/s", plural(d.clients || 0, "client"), (d.seconds || 0) + " s"]
+      .join(" \u00b7 ");
+  }
+
+  function render(s) {
+    var cache = s.cache || {};
+    var used = "bytes" in cache ? humanBytes(cache.bytes) : "not measured yet";
+    if (cache.max_bytes) used += " of " + humanBytes(cache.max_bytes);
+    document.getElementById("cache-bytes").textContent = used;
+    document.getElementById("cache-files").textContent = "files" in cache ? String(cache.files) : "\u2013";
+    document.getElementById("hit-ratio").textContent = ratio(s.hit_ratio);
+    document.getElementById("inflight").textContent = String((s.downloads || []).length);
+    document.getElementById("facts").textContent =
+      "pid " + s.pid + " \u00b7 up " + Math.floor(s.uptime_seconds || 0) + " s";
+
+    fill("downloads", (s.downloads || []).map(function (d) {
+      var li = el("li", null, "download"), head = el("div", null, "dl-head");
+      head.appendChild(el("span", d.name, "dl-name"));
+      head.appendChild(el("span", percentText(d), "dl-pct"));
+      var bar = el("progress");
+      bar.max = 100;
+      if (d.percent !== null && d.percent !== undefined) {
+        bar.value = d.percent;
+        bar.textContent = percentText(d);
+        bar.setAttribute("value", String(d.percent));
+      }
+      li.appendChild(head);
+      li.appendChild(bar);
+      li.appendChild(el("div", downloadFacts(d), "dl-facts"));
+      return li;
+    }), "No downloads in flight.");
+
+    var per = cache.backends || {};
+    fill("backends", (s.backends || []).map(function (b) {
+      var u = per[b.name] || {}, cap = caps[b.name];
+      return row([b.name, b.type, b.prefix, humanBytes(u.bytes || 0), u.files || 0, cap ? humanBytes(cap) : "\u2013"]);
+    }), "No backends.", 6);
+
+    var totals = s.requests || {};
+    var names = OUTCOMES.concat(Object.keys(totals).filter(function (k) { return OUTCOMES.indexOf(k) < 0; }).sort());
+    fill("requests", names.map(function (name) {
+      var tr = el("tr");
+      tr.appendChild(el("td", name));
+      tr.appendChild(el("td", Math.floor(totals[name] || 0), "num"));
+      return tr;
+    }));
+
+    fill("errors", (s.recent_errors || []).map(function (e) {
+      return row([clock(e.time), e.status, e.what, e.message]);
+    }), "No errors recently.", 4);
+  }
+
+  function live(text, failed) {
+    var node = document.getElementById("live");
+    node.textContent = text;
+    node.className = failed ? "failed" : "";
+  }
+
+  function refresh() {
+    fetch("status.json", {cache: "no-store", credentials: "same-origin"})
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (s) {
+        render(s);
+        updates += 1;
+        document.body.setAttribute("data-updates", String(updates));
+        live("live \u00b7 " + clock(Date.now() / 1000), false);
+      })
+      .catch(function (e) { live("refresh failed: " + e.message, true); })
+      .then(function () { setTimeout(refresh, 1000); });
+  }
+  setTimeout(refresh, 1000);
+})();
+"""
