@@ -95,8 +95,7 @@ def call(args, method: str, endpoint: str, query=None, body=None, headers=None, 
     except urllib.error.HTTPError as e:
         text = e.read().decode("utf-8", "replace").strip()
         first = text.splitlines()[0] if text else e.reason
-        if first.startswith(f"{e.code} "):
-            first = first[len(f"{e.code} "):]
+        first = first.removeprefix(f"{e.code} ")
         raise CallFailed(f"{method} {endpoint} failed: HTTP {e.code}: {first}") from None
     except urllib.error.URLError as e:
         raise CallFailed(f"cannot reach the vault at {args.url}: {e.reason}") from None

@@ -240,7 +240,7 @@ def _backend(raw, index, environ) -> BackendConfig:
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}", "unknown key (expected type, name, config)")
     btype = raw.get("type")
-    if btype not in BACKEND_TYPES:
+    if not isinstance(btype, str) or btype not in BACKEND_TYPES:
         raise ConfigError(f"{where}.type", f"unknown backend type {btype!r} (known: {', '.join(BACKEND_TYPES)})")
     extra, defaults = BACKEND_TYPES[btype]
     options = {**COMMON_OPTIONS, **extra}

@@ -290,7 +290,7 @@ class Upstream:
                 writer = store.writer(key)
             except OSError as e:
                 response.deliverBody(_Discard())
-                transfer.failed(Failure(_storage_error(e, key)))
+                transfer.failed(Failure(storage_error(e, key)))
                 return
             log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
                      label=transfer.label)
@@ -378,11 +378,14 @@ def read_body(response, limit: int, truncate: bool = False) -> Deferred:
     return d
 
 
-def _storage_error(e: OSError, key: str) -> VaultError:
+def storage_error(e: OSError, key: str) -> VaultError:
+    """The answer for a cache that cannot take `key` now."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left in the cache to store {key}")
     if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
         return VaultError(f"{key} cannot be stored in the cache (path conflict)", 502)
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return VaultError("the vault has too many open files right now; try again", 503, {"Retry-After": "5"})
     return VaultError(f"cannot write {key} to the cache: {e.strerror}", 503)
 
 
@@ -422,7 +425,7 @@ class _BodyIntoCache(Protocol):
         try:
             writer.write(data)
         except OSError as e:
-            self._abort(_storage_error(e, self.transfer.key))
+            self._abort(storage_error(e, self.transfer.key))
             return
         limit = self.transfer.total
         if limit is not None and writer.size > limit:
@@ -475,7 +478,7 @@ class _BodyIntoCache(Protocol):
             try:
                 entry = writer.commit(dict(transfer.meta))
             except OSError as e:
-                raise _storage_error(e, transfer.key) from None
+                raise storage_error(e, transfer.key) from None
         except VaultError as e:
             writer.abort()
             log.warn("Download of {label} failed: {why}", label=transfer.label, why=e.message)

@@ -21,6 +21,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from .errors import VaultError
 from .logs import VaultLogger
 from .store import Entry, open_readers
 
@@ -212,7 +213,11 @@ def serve(request, body, meta: dict) -> Deferred:
     if request.method == b"HEAD" or end == start:
         request.finish()
         return succeed(None)
-    _Streamer(request, body, start, end).start()
+    try:
+        streamer = _Streamer(request, body, start, end)
+    except OSError as e:
+        raise VaultError(f"cannot open the cached file: {e.strerror}", 503, {"Retry-After": "5"}) from None
+    streamer.start()
     return succeed(None)
 
 

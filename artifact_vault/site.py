@@ -76,15 +76,16 @@ class VaultRoot(Resource):
         if not self.access_tokens:
             return True
         presented = request.getHeader(b"x-vault-token")
-        if presented is not None:
-            request.requestHeaders.removeHeader(b"x-vault-token")
-            return any(hmac.compare_digest(presented, t) for t in self.access_tokens)
+        request.requestHeaders.removeHeader(b"x-vault-token")
         auth = request.getHeader(b"authorization") or b""
         scheme, _, token = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and any(hmac.compare_digest(token.strip(), t) for t in self.access_tokens):
+        in_authorization = scheme.lower() == b"bearer" and self._is_vault_token(token.strip())
+        if in_authorization:
             request.requestHeaders.removeHeader(b"authorization")
-            return True
-        return False
+        return in_authorization or (presented is not None and self._is_vault_token(presented))
+
+    def _is_vault_token(self, token: bytes) -> bool:
+        return any(hmac.compare_digest(token, t) for t in self.access_tokens)
 
     def render(self, request):
         path = request.path
@@ -199,8 +200,10 @@ def access_log_line(timestamp, request) -> str:
     ip = getattr(addr, "host", "-")
     started = getattr(request, "vault_started", None)
     duration = f"{time.monotonic() - started:.3f}s" if started is not None else "-"
+    # The query is not logged: a client may put a credential there.
+    target = request.path + (b"?..." if b"?" in request.uri else b"")
     return '%s "%s %s %s" %d %d %s %s "%s"' % (
-        ip, _escape(request.method), _escape(request.uri), _escape(request.clientproto), request.code,
+        ip, _escape(request.method), _escape(target), _escape(request.clientproto), request.code,
         request.sentLength, getattr(request, "vault_outcome", None) or "-", duration,
         _escape(request.getHeader(b"user-agent") or b"-"),
     )

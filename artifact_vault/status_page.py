@@ -168,7 +168,7 @@ header {{ display: flex; justify-content: space-between; align-items: baseline; 
 table {{ border-collapse: collapse; width: 100%; background: #fff; border: 1px solid #dde1e8; }}
 th, td {{ text-align: left; padding: .35em .7em; border-bottom: 1px solid #eceef2; vertical-align: top; }}
 th {{ background: #eef0f4; font-weight: 600; }}
-td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 td {{ overflow-wrap: anywhere; }}
 .empty {{ color: #889; font-style: italic; }}
 ul#downloads {{ list-style: none; padding: 0; margin: 0; }}
@@ -190,7 +190,7 @@ progress {{ width: 100%; height: 1em; margin: .3em 0; }}
 <table><thead><tr><th>Backend</th><th>Type</th><th>Prefix</th><th>Bytes</th><th>Files</th><th>Cap</th></tr></thead>
 <tbody id="backends">{backends_html(status, caps)}</tbody></table>
 <h2>Requests by outcome</h2>
-<table><thead><tr><th>Outcome</th><th>Requests</th></tr></thead>
+<table><thead><tr><th>Outcome</th><th class="num">Requests</th></tr></thead>
 <tbody id="requests">{requests_html(status)}</tbody></table>
 <h2>Recent errors</h2>
 <table><thead><tr><th>Time</th><th>Status</th><th>Request</th><th>Message</th></tr></thead>

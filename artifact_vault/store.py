@@ -222,10 +222,15 @@ class KeyLock:
         self.fd = fd
         return True
 
-    def publish(self, info: dict) -> None:
+    def publish(self, info: dict) -> bool:
+        """Best effort: without it (disk full), followers wait for the commit instead of streaming."""
         data = json.dumps(info).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+        except OSError:
+            return False
+        return True
 
     def release(self) -> None:
         if self.fd is not None:

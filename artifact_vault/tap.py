@@ -48,7 +48,22 @@ def listen_description(config, override=None) -> str:
     if override:
         return override
     host = config.http_host.replace(":", r"\:")
-    return f"tcp:{config.http_port}:interface={host}"
+    # a deep accept queue: hundreds of clients may connect at once
+    return f"tcp:{config.http_port}:interface={host}:backlog=1024"
+
+
+def raise_open_file_limit() -> None:
+    """Every client streams from its own descriptor: take all the descriptors the system allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class VaultService(service.MultiService):
@@ -99,6 +114,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
+    raise_open_file_limit()
     site, root, vault = build_site(config, reactor)
     top = VaultService(vault)
     description = listen_description(config, options.get("listen"))

@@ -141,10 +141,11 @@ def main(argv=None):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from .config import load
-    from .tap import VaultService, build_site
+    from .tap import VaultService, build_site, raise_open_file_limit
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = load(args.config, cache_dir=args.cache_dir)
+    raise_open_file_limit()
     site, _root, vault = build_site(config, reactor)
     top = VaultService(vault, sweep=False)
     family = socket.AF_INET6 if args.family == "6" else socket.AF_INET

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 
 from ..config import BackendConfig
 from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
-from ..fetch import Upstream, read_body
+from ..fetch import Upstream, read_body, storage_error
 from ..inflight import HolderGone, Inflight, RemoteTransfer, Transfer
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
@@ -116,7 +116,11 @@ class Backend:
 
         def start():
             lock = self.store.lock(key)
-            if not lock.try_acquire():
+            try:
+                acquired = lock.try_acquire()
+            except OSError as e:
+                raise storage_error(e, key) from None
+            if not acquired:
                 # Another process sharing this cache is downloading it: follow its file.
                 return RemoteTransfer(key, self.store, self.vault.reactor, label)
             committed = self.store.lookup(key)  # it may have finished just before we locked

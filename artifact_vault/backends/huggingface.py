@@ -121,6 +121,22 @@ def _unquote_etag(value: str | None) -> str | None:
     return value.strip('"')
 
 
+def _check_forwarded_path(raw: bytes) -> None:
+    """
+    A path the vault relays as it is must not climb out of /api/ (or out of
+    base_url's path) on a hub or front end that resolves dot segments.
+    Encoded slashes stay allowed (revisions like refs%2Fpr%2F1), but no
+    part of a decoded segment may be '.' or '..', and no backslash, NUL,
+    control character or second level of encoding may appear.
+    """
+    for segment in raw.split(b"/"):
+        decoded = unquote_to_bytes(segment)
+        if b"%" in decoded or b"\\" in decoded or any(c < 0x20 or c == 0x7F for c in decoded):
+            raise BadRequest("bad path: encoded control characters, backslashes or double encoding")
+        if any(part in (b".", b"..") for part in decoded.split(b"/")):
+            raise BadRequest("bad path: '.' and '..' segments are not allowed")
+
+
 def strip_xet(node):
     """Remove every ``xetHash`` key, so that clients never switch to the Xet protocol."""
     if isinstance(node, dict):
@@ -475,6 +491,7 @@ class HuggingFaceBackend(Backend):
         return url + ("?" + query.decode("ascii", "replace") if query else "")
 
     def forward_api(self, request):
+        _check_forwarded_path(request.path[len(self.config.prefix):])
         url = self.config.base_url + request.uri[len(self.config.prefix) - 1:].decode("ascii", "replace")
         return self.forward(
             request, "GET", url, headers=self.auth_headers(request),
