@@ -1,0 +1,583 @@
+"""
+Run the whole benchmark suite and print one table.
+
+    python -m bench.run                 # full suite (nginx required), a few minutes
+    python -m bench.run --smoke         # tiny sizes, one run, < 60 s, nginx optional
+    python -m bench.run --output bench/RESULTS.md
+
+Everything runs on 127.0.0.1 as children of this process: the fake origin
+(tests/upstream.py), the vault (``twistd -n artifact-vault``, one ``http``
+backend at /bench/), nginx with ``sendfile on`` and Twisted's
+``static.File`` as references.  Files, cache and logs live in one temp
+folder (``--workdir``) that is removed at the end, also after Ctrl-C; only
+``--data-dir`` (the generated source files, reused by later runs) and
+``--keep`` survive.
+
+Progress goes to stderr; stdout gets the header and the table (markdown).
+Exit status: 0 when every measurement was taken (a missed target is a
+result, not an error; ``--strict`` makes it one), 1 when a measurement
+failed, 2 for a usage problem (nginx missing in full mode), 130 on Ctrl-C.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+from . import clients, rps
+from .data import config_json, make_big_file, write_small
+from .machine import header_lines
+from .services import (
+    BACKEND,
+    BenchError,
+    Processes,
+    clear_peak_rss,
+    find_nginx,
+    memory_status,
+    nginx_version,
+    start_nginx,
+    start_static,
+    start_upstream,
+    start_vault,
+    workers_supported,
+)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+TARGETS = {
+    1: "≥ 0.9",
+    2: "≥ 0.9",
+    3: "≥ 1.0",
+    4: "≥ 0.6; first byte ≤ +50 ms",
+    5: "1 GET; ≤ 1.2×",
+    6: "< 100 MiB",
+    7: "≥ 1.7×",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    runs: int
+    big: int  # bytes of each big file (tests 1, 2, 4)
+    files2: int  # distinct big files the concurrent clients of test 2 share
+    clients2: int
+    rps_connections: int
+    rps_duration: float
+    rps_warmup: float
+    slow_size: int  # the cold file of test 5
+    clients5: int
+    origin_rate: float  # bytes/s the origin sends the test-5 file at
+    huge: int  # the file of test 6
+
+
+# Test 5's origin is throttled so that what 64 clients draw together (64 × ~9 MB/s) stays well
+# under what this machine serves to many clients (test 2): the figure then shows what
+# coalescing costs, not the serving bandwidth that test 2 already measures.
+FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB)
+SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB)
+
+
+@dataclass
+class Row:
+    num: int
+    what: str
+    vault: str = ""
+    reference: str = ""
+    figure: str = ""
+    target: str = ""
+    result: str = ""
+
+
+def size_text(n: int) -> str:
+    if n >= GiB and n % GiB == 0:
+        return f"{n // GiB} GiB"
+    if n >= MiB:
+        return f"{n / MiB:g} MiB"
+    return f"{n} B"
+
+
+def rate_text(bps: float) -> str:
+    return f"{bps / 1e6:,.0f} MB/s"
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "**FAIL**"
+
+
+def median(values):
+    return statistics.median(values)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class Bench:
+    def __init__(self, plan: Plan, workdir: str, data_dir: str, nginx_bin: str | None, rps_processes: int):
+        self.plan = plan
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.cache_dir = os.path.join(workdir, "cache")
+        self.refroot = os.path.join(workdir, "refroot")
+        self.nginx_bin = nginx_bin
+        self.rps_processes = rps_processes
+        self.procs = Processes()
+        self.t0 = time.monotonic()
+        self.upstream = self.vault = self.nginx = None
+        self.big_names = [f"{chr(ord('A') + i)}.bin" for i in range(plan.files2)]
+        self.rows: dict[int, Row] = {}
+        self.failed = False
+
+    # -- plumbing -----------------------------------------------------------
+
+    def say(self, message: str):
+        sys.stderr.write(f"[{time.monotonic() - self.t0:6.1f}s] {message}\n")
+        sys.stderr.flush()
+
+    def src(self, name: str) -> str:
+        return os.path.join(self.data_dir, name)
+
+    def cached_path(self, rel: str, size: int) -> str | None:
+        """The vault's own copy of ``/bench/<rel>``, where the cache keeps it (None if not found)."""
+        path = os.path.join(self.cache_dir, BACKEND, *rel.strip("/").split("/"))
+        try:
+            return path if os.path.getsize(path) == size else None
+        except OSError:
+            return None
+
+    def vault_get(self, rel: str, size: int, out=os.devnull, server=None) -> clients.Result:
+        return clients.fetch_one(self.procs, f"{(server or self.vault).url}/{BACKEND}/{rel}", size, out)
+
+    def link_reference(self, rel: str, size: int) -> str:
+        """Make refroot/<rel> point at the file the vault serves, so the references serve the same inode."""
+        target = self.cached_path(rel, size)
+        if target is None:
+            self.say(f"  (the vault's copy of {rel} was not found in the cache; references serve the source file)")
+            target = self.src(rel.split("/")[-1])
+        link = os.path.join(self.refroot, *rel.split("/"))
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(target, link)
+        return link
+
+    # -- setup --------------------------------------------------------------
+
+    def setup(self):
+        p = self.plan
+        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.refroot, exist_ok=True)
+        wanted = [(n, p.big, i) for i, n in enumerate(self.big_names)]
+        wanted += [("slow.bin", p.slow_size, 90), ("huge.bin", p.huge, 91)]
+        need = sum(size for name, size, _ in wanted if not _same_size(self.src(name), size))
+        # sources + the vault's copies + test 4's extra misses and direct downloads
+        budget = need + 2 * p.files2 * p.big + (2 * p.runs + 1) * p.big + (2 * p.runs + 1) * p.slow_size + p.huge
+        free = shutil.disk_usage(self.workdir).free
+        if free < budget:
+            raise BenchError(f"not enough disk space in {self.workdir}: {free / GiB:.1f} GiB free, "
+                             f"about {budget / GiB:.1f} GiB needed")
+        self.say(f"preparing files in {self.data_dir} ({need / GiB:.2f} GiB to write)")
+        for name, size, salt in wanted:
+            if make_big_file(self.src(name), size, salt):
+                self.say(f"  wrote {name} ({size_text(size)})")
+        write_small(self.src("config.json"), config_json(700))
+
+        self.say("starting the upstream")
+        self.upstream = start_upstream(self.procs, self.workdir, self.data_dir)
+        for name in self.big_names:
+            self.upstream.add(f"/big/{name}", self.src(name))
+        self.upstream.add("/huge/huge.bin", self.src("huge.bin"))
+        self.upstream.add("/small/config.json", self.src("config.json"), content_type="application/json")
+        self.say(f"starting the vault (cache {self.cache_dir})")
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir)
+
+    def start_nginx(self):
+        if self.nginx is None and self.nginx_bin:
+            self.nginx = start_nginx(self.procs, self.workdir, self.refroot, self.nginx_bin)
+            self.say(f"nginx listens at {self.nginx.url}")
+
+    def prime(self, rel: str, size: int):
+        if self.cached_path(rel, size) is None:
+            self.say(f"  priming /{BACKEND}/{rel} through the vault")
+            self.vault_get(rel, size)
+
+    # -- the tests -----------------------------------------------------------
+
+    def direct_download(self, rel: str, size: int, path: str) -> clients.Result:
+        """Download ``/<rel>`` straight from the upstream into `path`, fsync it, remove it."""
+        res = clients.fetch_one(self.procs, f"{self.upstream.url}/{rel}", size, path)
+        t = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        synced = time.perf_counter() - t
+        os.unlink(path)
+        return clients.Result(res.code, res.ttfb, res.total + synced, res.size)
+
+    def test_cold_miss(self) -> Row:
+        """4: one client, cold 1 GiB file: vault vs curl -o file + fsync, straight from the upstream."""
+        p = self.plan
+        row = Row(4, f"cold miss, {size_text(p.big)}, 1 client: throughput vs direct download to a file "
+                     f"(+ fsync), and time to first byte")
+        vault_rates, direct_rates, ratios, v_ttfb, d_ttfb, deltas = [], [], [], [], [], []
+        os.sync()
+        for r in range(p.runs):
+            # Run 0 fills the cache under the path the hit tests use; later runs use fresh paths.
+            rel = "big/A.bin" if r == 0 else f"cold/{r}/A.bin"
+            if r:
+                self.upstream.add(f"/{rel}", self.src("A.bin"))
+            direct_file = os.path.join(self.cache_dir, f"direct-{r}.bin")  # same filesystem as the cache
+            os.makedirs(self.cache_dir, exist_ok=True)
+
+            if r % 2 == 0:
+                v = self.vault_get(rel, p.big)
+                d = self.direct_download(rel, p.big, direct_file)
+            else:
+                d = self.direct_download(rel, p.big, direct_file)
+                v = self.vault_get(rel, p.big)
+            self.say(f"  run {r + 1}: vault {rate_text(v.rate)} (first byte {ms(v.ttfb)}), "
+                     f"direct {rate_text(d.rate)} (first byte {ms(d.ttfb)})")
+            vault_rates.append(v.rate)
+            direct_rates.append(d.rate)
+            ratios.append(v.rate / d.rate)
+            v_ttfb.append(v.ttfb)
+            d_ttfb.append(d.ttfb)
+            deltas.append(v.ttfb - d.ttfb)
+        shutil.rmtree(os.path.join(self.cache_dir, BACKEND, "cold"), ignore_errors=True)
+        ratio, delta = median(ratios), median(deltas)
+        row.vault = f"{rate_text(median(vault_rates))}; first byte {ms(median(v_ttfb))}"
+        row.reference = f"{rate_text(median(direct_rates))}; first byte {ms(median(d_ttfb))}"
+        row.figure = f"{ratio:.2f}; {'+' if delta >= 0 else '−'}{ms(abs(delta))}"
+        row.result = verdict(ratio >= 0.6 and delta <= 0.050)
+        return row
+
+    def test_hit_one(self) -> Row:
+        p = self.plan
+        row = Row(1, f"hit, one {size_text(p.big)} file, 1 client: throughput vs nginx")
+        vault_url = f"{self.vault.url}/{BACKEND}/big/A.bin"
+        if self.nginx is None:
+            res = [clients.fetch_one(self.procs, vault_url, p.big) for _ in range(p.runs)]
+            row.vault = rate_text(median([x.rate for x in res]))
+            row.reference, row.figure, row.result = "nginx not installed", "n/a", "n/a"
+            return row
+        nginx_url = f"{self.nginx.url}/big/A.bin"
+        clients.fetch_one(self.procs, vault_url, p.big)  # warm-up, not counted
+        clients.fetch_one(self.procs, nginx_url, p.big)
+        v_rates, n_rates, ratios = [], [], []
+        for r in range(p.runs):
+            order = [vault_url, nginx_url] if r % 2 == 0 else [nginx_url, vault_url]
+            got = {url: clients.fetch_one(self.procs, url, p.big) for url in order}
+            v, n = got[vault_url].rate, got[nginx_url].rate
+            self.say(f"  run {r + 1}: vault {rate_text(v)}, nginx {rate_text(n)}")
+            v_rates.append(v)
+            n_rates.append(n)
+            ratios.append(v / n)
+        ratio = median(ratios)
+        row.vault, row.reference = rate_text(median(v_rates)), rate_text(median(n_rates)) + " (nginx)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.9)
+        return row
+
+    def test_hit_many(self) -> Row:
+        p = self.plan
+        row = Row(2, f"hit, {p.clients2} concurrent clients on {p.files2} × {size_text(p.big)} files: "
+                     f"aggregate throughput vs nginx")
+        names = [self.big_names[i % p.files2] for i in range(p.clients2)]
+        total = p.clients2 * p.big
+
+        def aggregate(base):
+            wall, _ = clients.run_clients(self.procs, [f"{base}/big/{n}" for n in names], p.big)
+            return total / wall
+
+        vault_base = f"{self.vault.url}/{BACKEND}"
+        if self.nginx is None:
+            row.vault = rate_text(median([aggregate(vault_base) for _ in range(p.runs)]))
+            row.reference, row.figure, row.result = "nginx not installed", "n/a", "n/a"
+            return row
+        v_rates, n_rates, ratios = [], [], []
+        for r in range(p.runs):
+            if r % 2 == 0:
+                v, n = aggregate(vault_base), aggregate(self.nginx.url)
+            else:
+                n, v = aggregate(self.nginx.url), aggregate(vault_base)
+            self.say(f"  run {r + 1}: vault {rate_text(v)}, nginx {rate_text(n)}")
+            v_rates.append(v)
+            n_rates.append(n)
+            ratios.append(v / n)
+        ratio = median(ratios)
+        row.vault, row.reference = rate_text(median(v_rates)), rate_text(median(n_rates)) + " (nginx)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.9)
+        return row
+
+    def rps(self, url: str) -> float:
+        p = self.plan
+        got = rps.measure(url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes, self.procs)
+        if got["errors"] or not got["ok"]:
+            raise BenchError(f"{url}: {got['errors']} failed requests, answers {got['statuses']}")
+        return got["rps"]
+
+    def test_small(self) -> Row:
+        p = self.plan
+        row = Row(3, f"hit, 700-byte config.json, HEAD+GET at {p.rps_connections} connections: "
+                     f"requests/s vs Twisted static.File")
+        size = 700
+        self.prime("small/config.json", size)
+        link = self.link_reference("small/config.json", size)
+        static = start_static(self.procs, self.workdir, os.path.dirname(link))
+        try:
+            vault_url = f"{self.vault.url}/{BACKEND}/small/config.json"
+            static_url = f"{static.url}/config.json"
+            v_rps, s_rps, ratios = [], [], []
+            for r in range(p.runs):
+                if r % 2 == 0:
+                    v, s = self.rps(vault_url), self.rps(static_url)
+                else:
+                    s, v = self.rps(static_url), self.rps(vault_url)
+                self.say(f"  run {r + 1}: vault {v:,.0f} req/s, static.File {s:,.0f} req/s")
+                v_rps.append(v)
+                s_rps.append(s)
+                ratios.append(v / s)
+        finally:
+            self.procs.stop(static.proc)
+        ratio = median(ratios)
+        row.vault, row.reference = f"{median(v_rps):,.0f} req/s", f"{median(s_rps):,.0f} req/s (static.File)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 1.0)
+        return row
+
+    def test_coalesce(self) -> Row:
+        p = self.plan
+        row = Row(5, f"cold, {p.clients5} concurrent clients on one {size_text(p.slow_size)} file from a throttled "
+                     f"origin: upstream GETs; time until all are done vs 1 client alone")
+        chunk = 64 * 1024
+        throttle = [chunk, chunk / p.origin_rate]
+        gets, ratios, t_one, t_all = [], [], [], []
+        for r in range(p.runs):
+            one, many = f"/slow/{r}/one.bin", f"/slow/{r}/all.bin"
+            self.upstream.add(one, self.src("slow.bin"), throttle=throttle)
+            self.upstream.add(many, self.src("slow.bin"), throttle=throttle)
+            wall1, _ = clients.run_clients(self.procs, [f"{self.vault.url}/{BACKEND}{one}"], p.slow_size)
+            urls = [f"{self.vault.url}/{BACKEND}{many}"] * p.clients5
+            wall_n, _ = clients.run_clients(self.procs, urls, p.slow_size)
+            n_gets = self.upstream.count(many, "GET")
+            self.say(f"  run {r + 1}: 1 client {wall1:.2f} s, {p.clients5} clients {wall_n:.2f} s, "
+                     f"{n_gets} upstream GET(s)")
+            gets.append(n_gets)
+            t_one.append(wall1)
+            t_all.append(wall_n)
+            ratios.append(wall_n / wall1)
+        shutil.rmtree(os.path.join(self.cache_dir, BACKEND, "slow"), ignore_errors=True)
+        ratio = median(ratios)
+        get_text = ", ".join(str(g) for g in gets)
+        row.vault = f"upstream GETs per run: {get_text}; all done in {median(t_all):.2f} s"
+        row.reference = f"1 client alone: {median(t_one):.2f} s ({rate_text(p.slow_size / median(t_one))})"
+        row.figure = f"{max(gets)} GET; {ratio:.2f}×" if len(set(gets)) == 1 else f"{get_text} GETs; {ratio:.2f}×"
+        row.result = verdict(all(g == 1 for g in gets) and ratio <= 1.2)
+        return row
+
+    def reset_peak(self) -> tuple[int, str]:
+        """Reset the vault's peak RSS; restart the vault where the kernel cannot. Returns (RSS now, how)."""
+        if clear_peak_rss(self.vault.pid):
+            return memory_status(self.vault.pid)["VmRSS"], "clear_refs"
+        port = self.vault.extra["port"]
+        self.procs.stop(self.vault.proc)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port)
+        return memory_status(self.vault.pid)["VmRSS"], "restart"
+
+    def test_memory(self) -> Row:
+        p = self.plan
+        row = Row(6, f"peak resident memory (VmHWM) of the vault streaming a {size_text(p.huge)} file: "
+                     f"miss / hit")
+        base_miss, how = self.reset_peak()
+        res = self.vault_get("huge/huge.bin", p.huge)
+        miss = memory_status(self.vault.pid)["VmHWM"]
+        self.say(f"  miss at {rate_text(res.rate)}: peak {miss / MiB:.1f} MiB (from {base_miss / MiB:.1f} MiB, {how})")
+        base_hit, how = self.reset_peak()
+        res = self.vault_get("huge/huge.bin", p.huge)
+        hit = memory_status(self.vault.pid)["VmHWM"]
+        self.say(f"  hit at {rate_text(res.rate)}: peak {hit / MiB:.1f} MiB (from {base_hit / MiB:.1f} MiB, {how})")
+        row.vault = f"miss {miss / MiB:.1f} MiB; hit {hit / MiB:.1f} MiB"
+        row.reference = f"before: {base_miss / MiB:.1f} / {base_hit / MiB:.1f} MiB"
+        row.figure = f"{miss / MiB:.0f} / {hit / MiB:.0f} MiB"
+        row.result = verdict(miss < 100 * MiB and hit < 100 * MiB)
+        return row
+
+    def test_processes(self) -> Row:
+        p = self.plan
+        row = Row(7, f"hits with 2 processes vs 1 (HEAD+GET config.json at {p.rps_connections} connections)")
+        if not workers_supported(self.upstream.url, self.cache_dir):
+            row.vault = row.reference = "—"
+            row.figure = "not available: multi-process sharing not implemented yet"
+            row.result = "n/a"
+            return row
+        self.prime("small/config.json", 700)
+        two = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, name="vault-2", workers=2)
+        try:
+            one_url = f"{self.vault.url}/{BACKEND}/small/config.json"
+            two_url = f"{two.url}/{BACKEND}/small/config.json"
+            r1, r2, ratios = [], [], []
+            for r in range(p.runs):
+                if r % 2 == 0:
+                    a, b = self.rps(one_url), self.rps(two_url)
+                else:
+                    b, a = self.rps(two_url), self.rps(one_url)
+                self.say(f"  run {r + 1}: 1 process {a:,.0f} req/s, 2 processes {b:,.0f} req/s")
+                r1.append(a)
+                r2.append(b)
+                ratios.append(b / a)
+        finally:
+            self.procs.stop(two.proc)
+        ratio = median(ratios)
+        row.vault, row.reference = f"{median(r2):,.0f} req/s (workers: 2)", f"{median(r1):,.0f} req/s (1 process)"
+        row.figure, row.result = f"{ratio:.2f}×", verdict(ratio >= 1.7)
+        return row
+
+    # -- the run ---------------------------------------------------------------
+
+    def attempt(self, num: int, what: str, fn):
+        self.say(f"test {num}: {what}")
+        try:
+            self.rows[num] = fn()
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken measurement must not hide the others
+            self.failed = True
+            detail = e if isinstance(e, BenchError) else traceback.format_exc(limit=3)
+            self.say(f"  test {num} failed: {detail}")
+            self.rows[num] = Row(num, what, figure=f"error: {str(e).splitlines()[0][:120]}", result="error")
+
+    def run(self):
+        p = self.plan
+        self.setup()
+        self.attempt(4, "cold miss vs direct download", self.test_cold_miss)
+        self.say("priming the other big files")
+        for name in self.big_names:
+            self.prime(f"big/{name}", p.big)
+            self.link_reference(f"big/{name}", p.big)
+        if self.nginx_bin:
+            self.start_nginx()
+        self.attempt(1, "one client, hit, vs nginx", self.test_hit_one)
+        self.attempt(2, "concurrent clients, hit, vs nginx", self.test_hit_many)
+        self.attempt(3, "small file requests/s vs static.File", self.test_small)
+        self.attempt(5, "coalescing concurrent cold requests", self.test_coalesce)
+        self.attempt(6, "peak memory while streaming", self.test_memory)
+        self.attempt(7, "two processes vs one", self.test_processes)
+        for num, target in TARGETS.items():
+            self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
+
+    def close(self):
+        self.procs.stop_all()
+
+
+def _same_size(path, size):
+    try:
+        return os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+def table(rows) -> list[str]:
+    lines = ["| # | measurement | vault | reference | figure | target | result |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [str(row.num), row.what, row.vault, row.reference, row.figure, row.target, row.result]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return lines
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one run, nginx optional (CI)")
+    ap.add_argument("--runs", type=int, help="repetitions per figure (default: 3, smoke: 1)")
+    ap.add_argument("--output", help="also write the header and table to this markdown file")
+    ap.add_argument("--workdir", help="parent folder of the run's temp folder (default: the system temp dir); "
+                                      "it must be on the filesystem you want the cache on")
+    ap.add_argument("--data-dir", help="keep the generated source files here and reuse them next time "
+                                       "(default: inside the temp folder, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="do not remove the temp folder (logs, cache) at the end")
+    ap.add_argument("--rps-processes", type=int, default=1,
+                    help="processes of the small-file load generator (default 1: on 2 cores a second one "
+                         "takes CPU from the server it measures)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    if args.runs:
+        plan = Plan(**{**plan.__dict__, "runs": max(1, args.runs)})
+    nginx_bin = find_nginx()
+    if nginx_bin is None:
+        msg = ("nginx is not installed: it is the reference of tests 1 and 2 "
+               "(install it with: apt-get install -y nginx)")
+        if not args.smoke:
+            sys.stderr.write(f"bench: {msg}\n")
+            return 2
+        sys.stderr.write(f"bench: {msg}; smoke mode goes on and prints n/a for those ratios\n")
+
+    workdir = tempfile.mkdtemp(prefix="vault-bench-", dir=args.workdir)
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else os.path.join(workdir, "data")
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    bench = Bench(plan, workdir, data_dir, nginx_bin, args.rps_processes)
+    load_at_start = os.getloadavg()
+    if load_at_start[0] > 1.0:
+        sys.stderr.write(f"bench: the load average is {load_at_start[0]:.2f} before the suite starts: "
+                         f"other work is running and the figures will be noisy\n")
+    status = 0
+    try:
+        bench.run()
+        header = header_lines(
+            plan.mode, plan.runs, workdir,
+            nginx_version(nginx_bin) if nginx_bin else "not installed",
+            clients.client_name(),
+            f"bench/rps.py (Python, {args.rps_processes} process{'es' if args.rps_processes > 1 else ''}, "
+            f"keep-alive, HEAD and GET alternating)",
+            load_at_start,
+        )
+        text = "\n".join(header + [""] + table(bench.rows[n] for n in sorted(bench.rows))) + "\n"
+        sys.stdout.write("\n" + text)
+        sys.stdout.flush()
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        missed = any(r.result not in ("pass", "n/a") for r in bench.rows.values())
+        if bench.failed or (args.strict and missed):
+            status = 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        sys.stderr.write(f"\nbench: interrupted ({str(e) or 'SIGINT'}), cleaning up\n")
+        status = 130
+    except BenchError as e:
+        sys.stderr.write(f"bench: {e}\n")
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        bench.close()
+        if args.keep:
+            sys.stderr.write(f"bench: kept {workdir}\n")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
