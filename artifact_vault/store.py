@@ -16,6 +16,7 @@ checked; `CacheStore.path_for` checks again that the result stays below
 """
 
 import collections
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -96,8 +97,15 @@ class Entry:
 
 
 class CacheStore:
+    #: entries whose sidecar was read, checked against a stat of the data file on every lookup
+    MEMO_LIMIT = 100_000
+    #: a hit moves an entry's last-use mark at most this often (seconds)
+    TOUCH_EVERY = 60.0
+
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+        self._memo: dict[str, tuple[tuple, Entry]] = {}
+        self._touched: dict[str, float] = {}
 
     def path_for(self, key: str) -> str:
         path = os.path.normpath(os.path.join(self.root, key))
@@ -106,20 +114,43 @@ class CacheStore:
         return path
 
     def lookup(self, key: str) -> Entry | None:
-        """The committed entry for `key`, or None (also for a damaged one)."""
+        """
+        The committed entry for `key`, or None (also for a damaged one).  A
+        commit replaces the data file (a new inode), so one stat tells
+        whether the sidecar read last time still describes it, in this
+        process or after another one changed the cache.
+        """
         path = self.path_for(key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._memo.pop(key, None)
+            return None
+        signature = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == signature:
+            return memo[1]
         try:
             with open(path + META_SUFFIX, "rb") as f:
                 meta = json.load(f)
-            size = os.stat(path).st_size
         except (OSError, ValueError):
             return None
-        if not isinstance(meta, dict) or meta.get("size") != size:
+        if not isinstance(meta, dict) or meta.get("size") != st.st_size:
             return None
-        return Entry(key, path, meta)
+        entry = Entry(key, path, meta)
+        if len(self._memo) >= self.MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = (signature, entry)
+        return entry
 
     def touch(self, entry: Entry) -> None:
         """Mark `entry` as just used: its sidecar's mtime is the clock of LRU eviction."""
+        now = time.monotonic()
+        if now - self._touched.get(entry.key, -self.TOUCH_EVERY) < self.TOUCH_EVERY:
+            return
+        if len(self._touched) >= self.MEMO_LIMIT:
+            self._touched.clear()
+        self._touched[entry.key] = now
         try:
             os.utime(entry.path + META_SUFFIX)
         except OSError:
@@ -139,6 +170,8 @@ class CacheStore:
             return 1 << 62
 
     def remove(self, key: str) -> None:
+        self._memo.pop(key, None)
+        self._touched.pop(key, None)
         path = self.path_for(key)
         for p in (path, path + META_SUFFIX):
             try:
@@ -262,6 +295,9 @@ class KeyLock:
             return None
 
 
+_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+
+
 class CacheWriter:
     """
     One entry being written: bytes go straight to a temp file (os.write on an
@@ -278,6 +314,7 @@ class CacheWriter:
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.size = 0
         self._hash = hashlib.sha256()
+        self._hashed = None  # the last pending hash update
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -285,11 +322,15 @@ class CacheWriter:
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        self._hash.update(data)
+        # sha256 runs in a helper thread (hashlib lets go of the GIL), one
+        # thread for all writers so that each writer's pieces stay in order.
+        self._hashed = _HASHER.submit(self._hash.update, data)
         self.size += len(data)
 
     @property
     def sha256(self) -> str:
+        if self._hashed is not None:
+            self._hashed.result()
         return self._hash.hexdigest()
 
     def commit(self, meta: dict) -> Entry:

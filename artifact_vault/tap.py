@@ -119,7 +119,10 @@ def makeService(options, reactor=None):
     top = VaultService(vault)
     description = listen_description(config, options.get("listen"))
     try:
-        server = ListenService(endpoints.serverFromString(reactor, description), site, description)
+        if config.workers > 1 and not options.get("listen"):
+            server = ListenService.reuseport(reactor, config.http_host, config.http_port, site)
+        else:
+            server = ListenService(endpoints.serverFromString(reactor, description), site, description)
     except (ValueError, TypeError, KeyError) as e:
         sys.stderr.write(f"artifact-vault: configuration error: --listen {description!r}: {e}\n")
         raise SystemExit(2)

@@ -26,6 +26,40 @@ log = VaultLogger()
 RESTART_DELAY = 1.0
 
 
+def reuseport_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """
+    A listening socket of this process's own on host:port, with SO_REUSEPORT:
+    every process of the vault has one, and the kernel spreads new
+    connections evenly over them (one shared socket lets whichever process
+    wakes first take a whole burst).
+    """
+    family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class _SocketEndpoint:
+    """An endpoint over a socket we opened ourselves (see reuseport_socket)."""
+
+    def __init__(self, reactor, host, port):
+        self.reactor, self.host, self.port = reactor, host, port
+
+    def listen(self, factory):
+        try:
+            sock = reuseport_socket(self.host, self.port)
+        except OSError as e:
+            return defer.fail(e)
+        try:
+            return defer.succeed(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+        finally:
+            sock.close()  # the reactor keeps its own duplicate
+
+
 class ListenService(service.Service):
     """Listens on an endpoint; keeps the port so workers can share its socket."""
 
@@ -34,6 +68,10 @@ class ListenService(service.Service):
         self.factory = factory
         self.description = description
         self.port = None
+
+    @classmethod
+    def reuseport(cls, reactor, host, port, factory):
+        return cls(_SocketEndpoint(reactor, host, port), factory, f"{host}:{port} (SO_REUSEPORT)")
 
     def startService(self):
         super().startService()
@@ -92,17 +130,22 @@ class WorkerPool(service.Service):
             self.spawn(number)
 
     def spawn(self, number):
-        fd = self.listener.port.fileno()
-        family = "6" if self.listener.port.getHost().type == "TCP" and ":" in self.listener.port.getHost().host else "4"
-        args = [sys.executable, "-m", "artifact_vault.workers", "--fd", "3", "--family", family]
+        childFDs = {0: "w", 1: "r", 2: "r"}
+        endpoint = self.listener.endpoint
+        if isinstance(endpoint, _SocketEndpoint):
+            args = [sys.executable, "-m", "artifact_vault.workers", "--bind", f"{endpoint.host}:{endpoint.port}"]
+        else:
+            host = self.listener.port.getHost()
+            family = "6" if ":" in getattr(host, "host", "") else "4"
+            args = [sys.executable, "-m", "artifact_vault.workers", "--fd", "3", "--family", family]
+            childFDs[3] = self.listener.port.fileno()
         if self.options.get("config"):
             args += ["--config", os.path.abspath(self.options["config"])]
         if self.options.get("cache-dir"):
             args += ["--cache-dir", os.path.abspath(self.options["cache-dir"])]
         proto = _WorkerProtocol(self, number)
         self.running_workers[number] = proto
-        self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(),
-                                  childFDs={0: "w", 1: "r", 2: "r", 3: fd})
+        self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(), childFDs=childFDs)
         log.info("Started worker {n}", n=number)
 
     def ended(self, proto):
@@ -131,7 +174,8 @@ class WorkerPool(service.Service):
 def main(argv=None):
     """A worker process: adopt the listening socket and serve from the shared cache."""
     parser = argparse.ArgumentParser(prog="artifact_vault.workers")
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int, help="adopt this listening descriptor")
+    parser.add_argument("--bind", help="HOST:PORT: open an SO_REUSEPORT socket of our own")
     parser.add_argument("--family", choices=["4", "6"], default="4")
     parser.add_argument("--config")
     parser.add_argument("--cache-dir")
@@ -148,9 +192,15 @@ def main(argv=None):
     raise_open_file_limit()
     site, _root, vault = build_site(config, reactor)
     top = VaultService(vault, sweep=False)
-    family = socket.AF_INET6 if args.family == "6" else socket.AF_INET
-    reactor.adoptStreamPort(args.fd, family, site)
-    os.close(args.fd)
+    if args.bind:
+        host, _, port = args.bind.rpartition(":")
+        sock = reuseport_socket(host, int(port))
+        reactor.adoptStreamPort(sock.fileno(), sock.family, site)
+        sock.close()
+    else:
+        family = socket.AF_INET6 if args.family == "6" else socket.AF_INET
+        reactor.adoptStreamPort(args.fd, family, site)
+        os.close(args.fd)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
