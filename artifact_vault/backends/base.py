@@ -12,6 +12,7 @@ here, which do the rest the same way for everyone:
 """
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,7 @@ from ..store import CacheStore
 log = VaultLogger()
 
 FORWARD_LIMIT = 32 * 1024 * 1024  # bytes of an uncached answer we relay
+HIT_LOG_EVERY = 60.0  # seconds between INFO "Cache hit" lines for one name
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Backend:
         self.store = vault.store
         #: headers sent upstream on every request (and dropped on a hop to another origin)
         self.upstream_headers = dict(config.headers)
+        self._hits_logged: dict[str, float] = {}
 
     def evictable(self, key: str) -> bool:
         """May the janitor remove this entry to respect max_cache_size?"""
@@ -108,7 +111,7 @@ class Backend:
         label = label or key
         entry = self.store.lookup(key)
         if entry is not None:
-            log.info("Cache hit for {label}", label=label)
+            self.log_hit(label)
             set_outcome(request, "hit")
             self.store.touch(entry)
             meta = dict(entry.meta, **(meta_override or {}))
@@ -177,6 +180,23 @@ class Backend:
                                      meta_override=meta_override, label=label, _retried=True)
 
         return transfer.ready().addCallbacks(streaming, holder_gone)
+
+    def log_hit(self, label: str) -> None:
+        """
+        ``Cache hit for ...`` at INFO, at most once a minute per name (the
+        access log has a line, with the outcome, for every request); the
+        repeats go out at DEBUG.  A hot small file would otherwise spend a
+        third of its serving time on this line alone.
+        """
+        now = time.monotonic()
+        last = self._hits_logged.get(label)
+        if last is not None and now - last < HIT_LOG_EVERY:
+            log.debug("Cache hit for {label}", label=label)
+            return
+        if len(self._hits_logged) > 10_000:
+            self._hits_logged.clear()
+        self._hits_logged[label] = now
+        log.info("Cache hit for {label}", label=label)
 
     def sensitive_headers(self, extra: dict | None = None):
         return list(self.upstream_headers) + ["authorization"] + list(extra or {})

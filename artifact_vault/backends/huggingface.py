@@ -419,7 +419,7 @@ class HuggingFaceBackend(Backend):
         if request.method == b"HEAD":
             entry = self.store.lookup(key)
             if entry is not None:
-                log.info("Cache hit for {label}", label=f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
+                self.log_hit(f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
                 return (yield serve(request, StoredBody(entry), meta))
             set_entity_headers(request, meta)
             if info.get("size") is not None:
@@ -535,7 +535,7 @@ class HuggingFaceBackend(Backend):
             return (yield serve(request, StoredBody(entry), meta))
 
         if entry is not None and immutable:
-            log.info("Cache hit for {key}", key=key)
+            self.log_hit(key)
             return (yield from_cache(None))
         if entry is not None and self.hub_is_down():
             return (yield from_cache("the hub is down"))
