@@ -211,6 +211,8 @@ def access_log_line(timestamp, request) -> str:
 
 def _escape(value: bytes) -> str:
     text = value.decode("ascii", "backslashreplace") if isinstance(value, bytes) else str(value)
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the usual case, without the character-by-character walk
     return "".join(c if 32 <= ord(c) < 127 and c != '"' else "\\x%02x" % ord(c) for c in text)
 
 
