@@ -17,6 +17,7 @@ setup(
         # /_vault/metrics: the exposition format and its types, rather than our own writer
         "prometheus_client>=0.20",
     ],
+    entry_points={"console_scripts": ["artifact-vault = artifact_vault.cli:main"]},
     extras_require={
         "test": [
             "pytest>=8",
