@@ -296,6 +296,7 @@ class KeyLock:
 
 
 _HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+HASH_BACKLOG = 8 * 1024 * 1024  # bytes a writer may have waiting for the hash thread
 
 
 class CacheWriter:
@@ -314,7 +315,8 @@ class CacheWriter:
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.size = 0
         self._hash = hashlib.sha256()
-        self._hashed = None  # the last pending hash update
+        self._hashing: collections.deque = collections.deque()  # (future, size) not yet hashed
+        self._hashing_bytes = 0
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -324,13 +326,21 @@ class CacheWriter:
             view = view[n:]
         # sha256 runs in a helper thread (hashlib lets go of the GIL), one
         # thread for all writers so that each writer's pieces stay in order.
-        self._hashed = _HASHER.submit(self._hash.update, data)
+        # The pieces waiting for it are bounded: past HASH_BACKLOG bytes the
+        # writer waits, so a fast network never piles a file up in memory.
+        self._hashing.append((_HASHER.submit(self._hash.update, data), len(data)))
+        self._hashing_bytes += len(data)
+        while self._hashing and (self._hashing[0][0].done() or self._hashing_bytes > HASH_BACKLOG):
+            future, size = self._hashing.popleft()
+            future.result()
+            self._hashing_bytes -= size
         self.size += len(data)
 
     @property
     def sha256(self) -> str:
-        if self._hashed is not None:
-            self._hashed.result()
+        while self._hashing:
+            self._hashing.popleft()[0].result()
+        self._hashing_bytes = 0
         return self._hash.hexdigest()
 
     def commit(self, meta: dict) -> Entry:
