@@ -42,6 +42,17 @@ class VaultMetrics:
         #: recent failures for the status page: (time, what, status, message)
         self.recent_errors: deque = deque(maxlen=20)
         self.started = time.time()
+        self._children: dict[tuple, tuple] = {}
+
+    def count_request(self, backend: str, outcome: str, sent: int) -> None:
+        """One answered request (children looked up once per label pair: this runs per request)."""
+        children = self._children.get((backend, outcome))
+        if children is None:
+            children = self._children[(backend, outcome)] = (
+                self.requests.labels(backend, outcome), self.served_bytes.labels(backend, outcome))
+        children[0].inc()
+        if sent:
+            children[1].inc(sent)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

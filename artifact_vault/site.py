@@ -120,8 +120,7 @@ class VaultRoot(Resource):
         outcome = getattr(request, "vault_outcome", None) or "forwarded"
         if request.code >= 400:
             outcome = "error"
-        metrics.requests.labels(request.vault_backend, outcome).inc()
-        metrics.served_bytes.labels(request.vault_backend, outcome).inc(request.sentLength)
+        metrics.count_request(request.vault_backend, outcome, request.sentLength)
 
     def backend_for(self, path: bytes):
         for backend in self.backends:
