@@ -58,7 +58,7 @@ from ..fetch import error_headers, read_body
 from ..logs import VaultLogger
 from ..serve import StoredBody, send_small, serve, set_entity_headers
 from ..store import UnsafePath, safe_segments
-from .base import FORWARD_LIMIT, Backend, relay_headers
+from .base import FORWARD_LIMIT, Backend, relay_headers, set_outcome
 from .hf_access import AccessPolicy
 
 log = VaultLogger()
@@ -302,6 +302,7 @@ class HuggingFaceBackend(Backend):
         known = commit or self.last_commit(repo, rev)
         fallback = self.load_info(repo, known, path) if known else None
         if fallback is not None and self.hub_is_down():
+            set_outcome(request, "stale")
             return fallback, False
         ident = self.access.identity(request)[0]
         try:
@@ -312,6 +313,7 @@ class HuggingFaceBackend(Backend):
                 if fallback is not None:
                     log.info("Answering {repo}@{rev}/{path} from the cache ({why})",
                              repo=repo.name, rev=rev, path=path, why=e.message)
+                    set_outcome(request, "stale")
                     return fallback, False
             if not isinstance(e, UpstreamStatus):
                 raise
@@ -421,6 +423,7 @@ class HuggingFaceBackend(Backend):
             if entry is not None:
                 self.log_hit(f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
                 return (yield serve(request, StoredBody(entry), meta))
+            set_outcome(request, "miss" if asked else "hit")
             set_entity_headers(request, meta)
             if info.get("size") is not None:
                 request.setHeader(b"content-length", b"%d" % info["size"])
@@ -522,9 +525,11 @@ class HuggingFaceBackend(Backend):
         url = self._api_url(request, repo, kind, rev, path)
 
         @inlineCallbacks
-        def from_cache(why):
+        def from_cache(why, outcome="hit"):
             if why:
                 log.info("Answering {key} from the cache ({why})", why=why, key=key)
+                outcome = "stale"
+            set_outcome(request, outcome)
             yield self.access.authorize(request, repo, "api", url if body is None else
                                         self._api_url(request, repo, "info", rev, ""))
             if entry.meta.get("status", 200) != 200:
@@ -564,7 +569,7 @@ class HuggingFaceBackend(Backend):
             if kind == "info":
                 self._learn_commit(repo, rev, answer)
             entry = self.store.write_small(key, answer, meta)
-            return (yield from_cache(None))
+            return (yield from_cache(None, "miss"))
         if (response.code >= 500 or response.code == 429) and entry is not None:
             return (yield from_cache(f"the hub answered {response.code}"))
         if response.code >= 500:
