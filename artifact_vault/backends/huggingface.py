@@ -422,6 +422,7 @@ class HuggingFaceBackend(Backend):
             entry = self.store.lookup(key)
             if entry is not None:
                 self.log_hit(f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
+                set_outcome(request, "hit")
                 return (yield serve(request, StoredBody(entry), meta))
             set_outcome(request, "miss" if asked else "hit")
             set_entity_headers(request, meta)
