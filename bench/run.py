@@ -45,7 +45,6 @@ from .services import (
     start_static,
     start_upstream,
     start_vault,
-    workers_supported,
 )
 
 MiB = 1024 * 1024
@@ -281,15 +280,10 @@ class Bench:
         nginx_url = f"{self.nginx.url}/big/A.bin"
         clients.fetch_one(self.procs, vault_url, p.big)  # warm-up, not counted
         clients.fetch_one(self.procs, nginx_url, p.big)
-        v_rates, n_rates, ratios = [], [], []
-        for r in range(p.runs):
-            order = [vault_url, nginx_url] if r % 2 == 0 else [nginx_url, vault_url]
-            got = {url: clients.fetch_one(self.procs, url, p.big) for url in order}
-            v, n = got[vault_url].rate, got[nginx_url].rate
-            self.say(f"  run {r + 1}: vault {rate_text(v)}, nginx {rate_text(n)}")
-            v_rates.append(v)
-            n_rates.append(n)
-            ratios.append(v / n)
+        v_rates, n_rates, ratios = self.paired(
+            lambda: clients.fetch_one(self.procs, vault_url, p.big).rate,
+            lambda: clients.fetch_one(self.procs, nginx_url, p.big).rate,
+            lambda v, n: f"vault {rate_text(v)}, nginx {rate_text(n)}")
         ratio = median(ratios)
         row.vault, row.reference = rate_text(median(v_rates)), rate_text(median(n_rates)) + " (nginx)"
         row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.9)
@@ -311,16 +305,9 @@ class Bench:
             row.vault = rate_text(median([aggregate(vault_base) for _ in range(p.runs)]))
             row.reference, row.figure, row.result = "nginx not installed", "n/a", "n/a"
             return row
-        v_rates, n_rates, ratios = [], [], []
-        for r in range(p.runs):
-            if r % 2 == 0:
-                v, n = aggregate(vault_base), aggregate(self.nginx.url)
-            else:
-                n, v = aggregate(self.nginx.url), aggregate(vault_base)
-            self.say(f"  run {r + 1}: vault {rate_text(v)}, nginx {rate_text(n)}")
-            v_rates.append(v)
-            n_rates.append(n)
-            ratios.append(v / n)
+        v_rates, n_rates, ratios = self.paired(
+            lambda: aggregate(vault_base), lambda: aggregate(self.nginx.url),
+            lambda v, n: f"vault {rate_text(v)}, nginx {rate_text(n)}")
         ratio = median(ratios)
         row.vault, row.reference = rate_text(median(v_rates)), rate_text(median(n_rates)) + " (nginx)"
         row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.9)
@@ -344,22 +331,34 @@ class Bench:
         try:
             vault_url = f"{self.vault.url}/{BACKEND}/small/config.json"
             static_url = f"{static.url}/config.json"
-            v_rps, s_rps, ratios = [], [], []
-            for r in range(p.runs):
-                if r % 2 == 0:
-                    v, s = self.rps(vault_url), self.rps(static_url)
-                else:
-                    s, v = self.rps(static_url), self.rps(vault_url)
-                self.say(f"  run {r + 1}: vault {v:,.0f} req/s, static.File {s:,.0f} req/s")
-                v_rps.append(v)
-                s_rps.append(s)
-                ratios.append(v / s)
+            v_rps, s_rps, ratios = self.paired(
+                lambda: self.rps(vault_url), lambda: self.rps(static_url),
+                lambda v, s: f"vault {v:,.0f} req/s, static.File {s:,.0f} req/s")
         finally:
             self.procs.stop(static.proc)
         ratio = median(ratios)
         row.vault, row.reference = f"{median(v_rps):,.0f} req/s", f"{median(s_rps):,.0f} req/s (static.File)"
         row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 1.0)
         return row
+
+    def paired(self, vault, reference, describe):
+        """
+        Measure vault() and reference() once per run, alternating which goes
+        first (so drift hits both alike); the ratios are vault / reference.
+        """
+        mine, theirs, ratios = [], [], []
+        for r in range(self.plan.runs):
+            if r % 2 == 0:
+                v = vault()
+                ref = reference()
+            else:
+                ref = reference()
+                v = vault()
+            self.say(f"  run {r + 1}: {describe(v, ref)}")
+            mine.append(v)
+            theirs.append(ref)
+            ratios.append(v / ref)
+        return mine, theirs, ratios
 
     def test_coalesce(self) -> Row:
         p = self.plan
@@ -421,26 +420,14 @@ class Bench:
     def test_processes(self) -> Row:
         p = self.plan
         row = Row(7, f"hits with 2 processes vs 1 (HEAD+GET config.json at {p.rps_connections} connections)")
-        if not workers_supported(self.upstream.url, self.cache_dir):
-            row.vault = row.reference = "—"
-            row.figure = "not available: multi-process sharing not implemented yet"
-            row.result = "n/a"
-            return row
         self.prime("small/config.json", 700)
         two = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, name="vault-2", workers=2)
         try:
             one_url = f"{self.vault.url}/{BACKEND}/small/config.json"
             two_url = f"{two.url}/{BACKEND}/small/config.json"
-            r1, r2, ratios = [], [], []
-            for r in range(p.runs):
-                if r % 2 == 0:
-                    a, b = self.rps(one_url), self.rps(two_url)
-                else:
-                    b, a = self.rps(two_url), self.rps(one_url)
-                self.say(f"  run {r + 1}: 1 process {a:,.0f} req/s, 2 processes {b:,.0f} req/s")
-                r1.append(a)
-                r2.append(b)
-                ratios.append(b / a)
+            r2, r1, ratios = self.paired(
+                lambda: self.rps(two_url), lambda: self.rps(one_url),
+                lambda b, a: f"1 process {a:,.0f} req/s, 2 processes {b:,.0f} req/s")
         finally:
             self.procs.stop(two.proc)
         ratio = median(ratios)

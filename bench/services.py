@@ -238,22 +238,6 @@ def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: st
     return Server(name, url, proc, log, {"config": config, "port": port})
 
 
-def workers_supported(upstream_url: str, cache_dir: str) -> bool:
-    """Does this vault's configuration accept ``workers: 2`` (several processes, one socket)?"""
-    try:
-        from artifact_vault import config as vault_config_module
-    except ImportError:
-        return False
-    try:
-        vault_config_module.parse(vault_config(upstream_url, cache_dir, 8080, workers=2), environ={})
-    except Exception:  # noqa: BLE001 - any refusal means: not supported
-        return False
-    return True
-
-
-# -- references -------------------------------------------------------------
-
-
 def find_nginx() -> str | None:
     for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
         if candidate and os.access(candidate, os.X_OK):

@@ -116,12 +116,7 @@ def fake_hub(folder, cdn_ttl=3600):
         assert urlsplit(urls["hub"]).netloc != urlsplit(urls["cdn"]).netloc
         yield FakeHub(proc, urls["hub"], urls["cdn"])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def run_client(endpoint, tmp_path, code, extra_env=None, timeout=120, hf_home=None):
@@ -152,6 +147,35 @@ def run_client(endpoint, tmp_path, code, extra_env=None, timeout=120, hf_home=No
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT:")][-1]
     return json.loads(line[len("RESULT:"):])
 
+
+
+def stop_process(proc) -> None:
+    """SIGTERM, and SIGKILL if it has not gone within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+#: client-side code for scenarios: ``outcome(fn)`` is ["ok", value] or [exception class, HTTP status]
+CLIENT_OUTCOME = """
+from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                                    EntryNotFoundError, HfHubHTTPError)
+
+def outcome(fn, value_of=lambda value: value):
+    try:
+        value = fn()
+    except Exception as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        for cls in (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                    EntryNotFoundError, HfHubHTTPError):
+            if isinstance(e, cls):
+                return [cls.__name__, status]
+        return [type(e).__name__, status]
+    return ["ok", value_of(value)]
+"""
 
 
 def free_port() -> int:
@@ -212,9 +236,4 @@ def vault_process(folder, backends, **top):
             time.sleep(0.05)
         yield VaultProcess(proc, url, folder, config)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -7,6 +7,7 @@ huggingface_hub reads HF_ENDPOINT at import time.
 import gzip
 import hashlib
 import json
+import textwrap
 import os
 import socket
 import time
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.hfenv import (MINILM, PRIVATE_TOKEN, UNAPPROVED_TOKEN, fake_hub, fetch, file_sha256 as _file_sha256,
+from tests.hfenv import (CLIENT_OUTCOME, MINILM, PRIVATE_TOKEN, UNAPPROVED_TOKEN, fake_hub, fetch, file_sha256 as _file_sha256,
                          git_blob_sha1 as _git_blob_sha1, minilm_dir as _minilm_dir, read as _read, run_client)
 
 
@@ -133,23 +134,9 @@ def test_snapshot_download(hub, tmp_path):
 
 
 def test_error_mapping_and_private_repos(hub, tmp_path):
-    res = run_client(hub, tmp_path, f"""
+    res = run_client(hub, tmp_path, CLIENT_OUTCOME + textwrap.dedent(f"""
         import os
         from huggingface_hub import hf_hub_download, HfApi
-        from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
-                                            EntryNotFoundError, HfHubHTTPError)
-
-        def outcome(fn):
-            try:
-                value = fn()
-            except Exception as e:
-                status = getattr(getattr(e, "response", None), "status_code", None)
-                for cls in (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
-                            EntryNotFoundError, HfHubHTTPError):
-                    if isinstance(e, cls):
-                        return [cls.__name__, status]
-                return [type(e).__name__, status]
-            return ["ok", value]
 
         dl = hf_hub_download
         api = HfApi()
@@ -177,7 +164,7 @@ def test_error_mapping_and_private_repos(hub, tmp_path):
         import glob
         result["no_exist"] = glob.glob(os.path.join(os.environ["HF_HOME"], "hub", "*MiniLM*", ".no_exist", "*",
                                                     "no_such_file.json"))
-    """)
+    """))
     assert res["unknown"] == ["RepositoryNotFoundError", 401]
     assert res["unknown_tok"] == ["RepositoryNotFoundError", 404]
     assert res["private"] == ["RepositoryNotFoundError", 401]

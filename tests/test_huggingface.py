@@ -6,6 +6,7 @@ a fresh client cache unless it says otherwise.
 """
 
 import json
+import textwrap
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from tests.hfenv import (
+    CLIENT_OUTCOME,
     MINILM,
     PRIVATE_TOKEN,
     UNAPPROVED_TOKEN,
@@ -172,39 +174,28 @@ def test_snapshot_download_and_the_hf_cli(hub, vault, tmp_path):
 
 
 def test_client_sees_the_hubs_errors(hub, vault, tmp_path):
-    res = run_client(vault.endpoint, tmp_path, f"""
+    res = run_client(vault.endpoint, tmp_path, CLIENT_OUTCOME + textwrap.dedent(f"""
         from huggingface_hub import hf_hub_download, HfApi
-        from huggingface_hub.errors import (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
-                                            EntryNotFoundError, HfHubHTTPError)
 
-        def outcome(fn):
-            try:
-                value = fn()
-            except Exception as e:
-                status = getattr(getattr(e, "response", None), "status_code", None)
-                for cls in (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
-                            EntryNotFoundError, HfHubHTTPError):
-                    if isinstance(e, cls):
-                        return [cls.__name__, status]
-                return [type(e).__name__, status]
-            return ["ok", None]
+        def outcome_only(fn):
+            return outcome(fn, lambda value: None)
 
         dl = hf_hub_download
         P, U = {PRIVATE_TOKEN!r}, {UNAPPROVED_TOKEN!r}
         result = {{
-            "unknown": outcome(lambda: dl("acme/does-not-exist", "config.json")),
-            "private": outcome(lambda: dl("acme/private-model", "config.json")),
-            "private_ok": outcome(lambda: dl("acme/private-model", "config.json", token=P)),
-            "private_lfs": outcome(lambda: dl("acme/private-model", "weights.bin", token=P)),
-            "gated": outcome(lambda: dl("acme/gated-model", "config.json")),
-            "gated_unapproved": outcome(lambda: dl("acme/gated-model", "config.json", token=U)),
-            "gated_ok": outcome(lambda: dl("acme/gated-model", "config.json", token=P)),
-            "bad_rev": outcome(lambda: dl({MINILM!r}, "config.json", revision="no-such-branch")),
-            "bad_rev_info": outcome(lambda: HfApi().model_info({MINILM!r}, revision="no-such-branch")),
-            "missing": outcome(lambda: dl({MINILM!r}, "no_such_file.json")),
-            "missing_info": outcome(lambda: HfApi().model_info("acme/does-not-exist")),
+            "unknown": outcome_only(lambda: dl("acme/does-not-exist", "config.json")),
+            "private": outcome_only(lambda: dl("acme/private-model", "config.json")),
+            "private_ok": outcome_only(lambda: dl("acme/private-model", "config.json", token=P)),
+            "private_lfs": outcome_only(lambda: dl("acme/private-model", "weights.bin", token=P)),
+            "gated": outcome_only(lambda: dl("acme/gated-model", "config.json")),
+            "gated_unapproved": outcome_only(lambda: dl("acme/gated-model", "config.json", token=U)),
+            "gated_ok": outcome_only(lambda: dl("acme/gated-model", "config.json", token=P)),
+            "bad_rev": outcome_only(lambda: dl({MINILM!r}, "config.json", revision="no-such-branch")),
+            "bad_rev_info": outcome_only(lambda: HfApi().model_info({MINILM!r}, revision="no-such-branch")),
+            "missing": outcome_only(lambda: dl({MINILM!r}, "no_such_file.json")),
+            "missing_info": outcome_only(lambda: HfApi().model_info("acme/does-not-exist")),
         }}
-    """)
+    """))
     assert res == {
         "unknown": ["RepositoryNotFoundError", 401],
         "private": ["RepositoryNotFoundError", 401],
