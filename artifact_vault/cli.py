@@ -28,6 +28,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .status_page import human_bytes as _human_bytes
+
 DEFAULT_URL = "http://localhost:8080"
 
 
@@ -111,14 +113,7 @@ def call(args, method: str, endpoint: str, query=None, body=None, headers=None, 
 
 
 def human_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{int(n)}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return ""  # pragma: no cover
+    return "-" if n is None else _human_bytes(n)
 
 
 def _plural(n, one, many) -> str:
