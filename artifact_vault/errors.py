@@ -75,7 +75,10 @@ def safe_url(url) -> str:
     except ValueError:
         return "<unparsable url>"
     netloc = p.hostname or ""
-    if p.port:
-        netloc = f"{netloc}:{p.port}"
+    try:
+        if p.port:
+            netloc = f"{netloc}:{p.port}"
+    except ValueError:
+        netloc += ":<bad port>"
     query = "?…" if p.query else ""
     return urlunsplit((p.scheme, netloc, p.path, "", "")) + query

@@ -61,7 +61,11 @@ def origin(url: bytes | str) -> tuple:
     if isinstance(url, bytes):
         url = url.decode("ascii", "replace")
     p = urlsplit(url)
-    return (p.scheme, (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80))
+    try:
+        port = p.port
+    except ValueError:  # a Location with a port that is no port
+        raise UpstreamUnavailable(f"upstream redirected to a malformed URL: {safe_url(url)}") from None
+    return (p.scheme, (p.hostname or "").lower(), port or (443 if p.scheme == "https" else 80))
 
 
 @implementer(IAgent)
@@ -266,7 +270,8 @@ class Upstream:
                 response.deliverBody(_Discard())
                 return
             if response.code != 200:
-                return read_body(response, ERROR_BODY_LIMIT, truncate=True).addCallback(
+                return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=timeout,
+                                 clock=self.reactor).addCallback(
                     lambda body: transfer.failed(
                         Failure(UpstreamStatus(response.code, url, error_headers(response), body))
                     )
@@ -343,19 +348,32 @@ def error_headers(response) -> dict:
     return out
 
 
-def read_body(response, limit: int, truncate: bool = False) -> Deferred:
+def read_body(response, limit: int, truncate: bool = False, timeout: float = 60, clock=None) -> Deferred:
     """
     Read a small upstream body into memory: at most `limit` bytes.  Past the
     limit, the body is cut (``truncate=True``, for error texts) or the read
-    fails; a body that breaks off fails unless ``truncate`` is set.
+    fails; a body that breaks off, or stays silent for `timeout` seconds,
+    fails unless ``truncate`` is set (then what came is kept).
     """
     d = Deferred()
+    if clock is None:
+        from twisted.internet import reactor as clock
 
     class Collect(Protocol):
         def __init__(self):
-            self.parts, self.size, self.too_big = [], 0, False
+            self.parts, self.size, self.too_big, self.stalled = [], 0, False, False
+            self.idle = None
+
+        def connectionMade(self):
+            self.idle = clock.callLater(timeout, self._stall)
+
+        def _stall(self):
+            self.stalled = True
+            self.transport.stopProducing()
 
         def dataReceived(self, data):
+            if self.idle is not None and self.idle.active():
+                self.idle.reset(timeout)
             if self.too_big and not truncate:
                 return
             if self.size + len(data) > limit:
@@ -368,7 +386,11 @@ def read_body(response, limit: int, truncate: bool = False) -> Deferred:
             self.size += len(data)
 
         def connectionLost(self, reason):
-            if self.too_big and not truncate:
+            if self.idle is not None and self.idle.active():
+                self.idle.cancel()
+            if self.stalled and not truncate:
+                d.errback(UpstreamTimeout(f"upstream answer stalled for {timeout:g} s"))
+            elif self.too_big and not truncate:
                 d.errback(UpstreamUnavailable(f"upstream answer is larger than {limit} bytes"))
             elif truncate or reason.check(ResponseDone, PotentialDataLoss):
                 d.callback(b"".join(self.parts))
@@ -473,6 +495,12 @@ class _BodyIntoCache(Protocol):
                     f"upstream {safe_url(transfer.url)} broke off after {writer.size} bytes"
                     f" ({reason.getErrorMessage()[:120]})"
                 )
+            if reason.check(PotentialDataLoss) and transfer.total is None:
+                # No length and no chunked framing: the end of the connection is the only
+                # end, and a reset looks the same. Nothing proves the body complete.
+                raise UpstreamUnavailable(
+                    f"upstream {safe_url(transfer.url)} sent a body without length or chunked framing;"
+                    " its completeness cannot be checked, so it is not kept")
             if transfer.total is not None and writer.size != transfer.total:
                 raise IntegrityError(
                     f"upstream {safe_url(transfer.url)} sent {writer.size} bytes, {transfer.total} were announced"

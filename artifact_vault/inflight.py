@@ -66,6 +66,8 @@ class Transfer:
             watcher()
 
     def committed(self, entry: Entry) -> None:
+        if self.finished:
+            return
         self.entry = entry
         self._finish()
 
@@ -206,38 +208,66 @@ class RemoteTransfer(Transfer):
         self._poller.start(self.POLL, now=True)
 
     def _poll(self):
-        held = self.lock.held_elsewhere()
-        if not held:
+        if self.finished:
+            self._stop()
+            return
+        if self.streaming:
+            self._follow()
+            return
+        if not self.lock.held_elsewhere():
+            self._stop()
             entry = self.store.lookup(self.key)
             if entry is not None:
-                self._stop()
                 self.committed(entry)
-            elif not self.streaming:
-                self._stop()
-                self.failed(Failure(HolderGone(self.key)))
             else:
-                self._stop()
-                from .errors import UpstreamUnavailable
-
-                self.failed(Failure(UpstreamUnavailable(
-                    f"the download of {self.label} in another vault process did not complete")))
+                self.failed(Failure(HolderGone(self.key)))
             return
-        if not self.streaming:
-            info = self.lock.read_info()
-            if not info:
-                return
-            try:
-                self._fd = os.open(info["temp"], os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return  # renamed or removed meanwhile: the next poll sees which
-            self._temp = info["temp"]
-            self.total = info.get("total")
-            self.meta = info.get("meta") or {}
-            self.streaming = True
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                d.callback(self)
+        info = self.lock.read_info()
+        if not info:
+            return
+        try:
+            self._fd = os.open(info["temp"], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # renamed or removed meanwhile: the next poll sees which
+        self.total = info.get("total")
+        self.meta = info.get("meta") or {}
+        self.streaming = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(self)
         self.data_written()
+
+    def _follow(self):
+        """
+        The file we follow either becomes the entry (the same inode under the
+        final name) or dies (unlinked, or the lock let go without a commit).
+        A later download of the same key is a different inode: not ours.
+        """
+        followed = os.fstat(self._fd)
+        entry = self.store.lookup(self.key)
+        if entry is not None:
+            try:
+                final = os.stat(entry.path)
+                ours = (final.st_ino, final.st_dev) == (followed.st_ino, followed.st_dev)
+            except OSError:
+                ours = False
+            self._stop()
+            if ours:
+                self.committed(entry)
+            else:
+                self._lost()
+            return
+        if followed.st_nlink == 0 or not self.lock.held_elsewhere():
+            self._stop()
+            self._lost()
+            return
+        self.data_written()
+
+    def _lost(self):
+        from .errors import UpstreamUnavailable
+
+        self.failed(Failure(UpstreamUnavailable(
+            f"the download of {self.label} in another vault process did not complete")))
 
     def _stop(self):
         if self._poller.running:
@@ -256,6 +286,7 @@ class RemoteTransfer(Transfer):
         return os.dup(self._fd)
 
     def _finish(self):
+        self._stop()
         super()._finish()
         if self._fd is not None:
             os.close(self._fd)

@@ -179,6 +179,8 @@ def serve(request, body, meta: dict) -> Deferred:
     The returned Deferred fires once the response is under way; the streamer
     then finishes (or aborts) the request by itself.
     """
+    if getattr(request, "_disconnected", False):
+        return succeed(None)  # the client left while we were getting ready
     set_entity_headers(request, meta)
     if _not_modified(request, meta):
         request.setResponseCode(304)
@@ -262,6 +264,9 @@ class _Streamer:
                 pass
 
     def start(self):
+        if getattr(self.request, "_disconnected", False):
+            self._close()
+            return
         self.body.watch(self._more)
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addBoth(self._client_gone)
@@ -328,6 +333,10 @@ class _Streamer:
             except OSError:
                 self._abort()
                 return False
+            else:
+                if sent == 0:  # end of file before the size we were promised: never pretend
+                    self._abort()
+                    return False
         if sent:
             self.pos += sent
             self.request.sentLength += sent

@@ -244,14 +244,25 @@ class KeyLock:
 
     def try_acquire(self) -> bool:
         fd = self._open()
+        for attempt in (1, 2):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if attempt == 2 or self.read_info() is not None:
+                    os.close(fd)
+                    return False
+                # Nobody published yet: maybe only another process's held_elsewhere()
+                # probe (a shared lock for a moment). Look once more.
+                time.sleep(0.001)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            os.ftruncate(fd, 0)
+        except OSError:
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
             raise
-        os.ftruncate(fd, 0)
         self.fd = fd
         return True
 

@@ -231,7 +231,8 @@ class Backend:
         set_outcome(request, "forwarded")
 
         def got(response):
-            return read_body(response, FORWARD_LIMIT).addCallback(lambda body: (response, body))
+            return read_body(response, FORWARD_LIMIT, timeout=self.config.timeout,
+                             clock=self.vault.reactor).addCallback(lambda body: (response, body))
 
         def answer(result):
             response, body = result

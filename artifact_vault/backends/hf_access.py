@@ -86,7 +86,7 @@ class AccessPolicy:
         # Disk is for restarts while the hub is away: write when the answer
         # changes, or when the stored one is getting old.
         if previous is None or previous["allowed"] != allowed or time.time() - previous["at"] > self.ttl / 2:
-            self.backend.store.write_small(key, json.dumps(record).encode(), {"content_type": "application/json"})
+            self.backend.keep_small(key, json.dumps(record).encode())
 
     def note_answer(self, repo, scope: str, ident: str, code: int, headers: dict) -> None:
         """Learn from any answer the hub gave this identity about this repo."""
@@ -126,6 +126,9 @@ class AccessPolicy:
             return self._offline(repo, scope, ident, f"the hub answered {response.code}")
         self.note_answer(repo, scope, ident, response.code, headers)
         record = self.recall(repo, scope, ident)
+        if record is None or not self._fresh(record, max(self.ttl, 1)):
+            # an answer that is neither a yes nor a no (400, 410, ...): pass it on, remember nothing
+            raise UpstreamStatus(response.code, check_url, headers)
         if not record["allowed"]:
             raise self._denial(repo, record)
         return None

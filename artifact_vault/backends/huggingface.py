@@ -265,8 +265,7 @@ class HuggingFaceBackend(Backend):
         previous = self.last_commit(repo, rev)
         self._refs[(repo.key, rev)] = (commit, time.monotonic())
         if previous != commit:
-            body = json.dumps({"commit": commit, "revision": rev}).encode()
-            self.store.write_small(self._ref_key(repo, rev), body, {"content_type": "application/json"})
+            self.keep_small(self._ref_key(repo, rev), json.dumps({"commit": commit, "revision": rev}).encode())
 
     # -- file metadata --------------------------------------------------------
 
@@ -284,8 +283,19 @@ class HuggingFaceBackend(Backend):
             return None
 
     def save_info(self, repo: Repo, commit: str, path: str, info: dict) -> None:
-        body = json.dumps(info, sort_keys=True).encode()
-        self.store.write_small(self._meta_key(repo, commit, path), body, {"content_type": "application/json"})
+        self.keep_small(self._meta_key(repo, commit, path), json.dumps(info, sort_keys=True).encode())
+
+    def keep_small(self, key: str, body: bytes, meta: dict | None = None):
+        """
+        Store a small record (metadata, refs, access answers, API answers).
+        Failing to keep it (disk full, read-only) costs offline use later,
+        not the answer now: it is logged, not raised.
+        """
+        try:
+            return self.store.write_small(key, body, meta or {"content_type": "application/json"})
+        except OSError as e:
+            log.warn("Could not keep {key} in the cache: {why}", key=key, why=e.strerror)
+            return None
 
     @inlineCallbacks
     def file_info(self, request, repo: Repo, rev: str, path: str):
@@ -424,6 +434,8 @@ class HuggingFaceBackend(Backend):
                 self.log_hit(f"{repo.url_prefix}{repo.name}/resolve/{rev}/{path}")
                 set_outcome(request, "hit")
                 return (yield serve(request, StoredBody(entry), meta))
+            if getattr(request, "_disconnected", False):
+                return None
             set_outcome(request, "miss" if asked else "hit")
             set_entity_headers(request, meta)
             if info.get("size") is not None:
@@ -553,7 +565,7 @@ class HuggingFaceBackend(Backend):
             response = yield self.request_upstream(
                 "POST" if body is not None else "GET", url, headers, data=body,
                 timeout=self._timeout(entry))
-            answer = yield read_body(response, FORWARD_LIMIT)
+            answer = yield read_body(response, FORWARD_LIMIT, timeout=self._timeout(entry), clock=self.vault.reactor)
         except (UpstreamUnavailable, UpstreamTimeout) as e:
             self.note_hub_down(e)
             if entry is not None:
@@ -569,7 +581,11 @@ class HuggingFaceBackend(Backend):
                     "hub_link": _header(response, "link"), "upstream_url": url.split("?")[0]}
             if kind == "info":
                 self._learn_commit(repo, rev, answer)
-            entry = self.store.write_small(key, answer, meta)
+            kept = self.keep_small(key, answer, meta)
+            if kept is None:  # could not keep it: answer it anyway
+                return self._answer(request, 200, self._link(request, meta["hub_link"]), meta["content_type"],
+                                    answer)
+            entry = kept
             return (yield from_cache(None, "miss"))
         if (response.code >= 500 or response.code == 429) and entry is not None:
             return (yield from_cache(f"the hub answered {response.code}"))
@@ -579,8 +595,7 @@ class HuggingFaceBackend(Backend):
         content_type = _header(response, "content-type") or "application/json"
         if response.code == 404 and relayed.get("x-error-code") == "EntryNotFound":
             # A path that does not exist (transformers probes some): remembered like an answer.
-            self.store.write_small(key, answer, {"content_type": content_type, "status": 404,
-                                                 "error_headers": relayed})
+            self.keep_small(key, answer, {"content_type": content_type, "status": 404, "error_headers": relayed})
         return self._answer(request, response.code, relayed, content_type, answer)
 
     @staticmethod
