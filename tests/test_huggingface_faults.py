@@ -115,3 +115,20 @@ async def test_range_request_while_the_blob_downloads(vault_factory, upstream, h
     assert bytes(part.data) == DATA[900000:900100]
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_identical_api_calls_arriving_together_make_one_hub_request(vault_factory, upstream, http):
+    import json
+
+    answer = json.dumps({"id": "org/m", "sha": COMMIT, "siblings": [{"rfilename": "w.bin"}]}).encode()
+    upstream.add("/api/models/org/m/revision/main", answer, content_type="application/json", delay_headers=0.3)
+    v = vault_factory(hub_backend(upstream))
+
+    async def one():
+        r = await http.get(v.url + "/huggingface/api/models/org/m/revision/main")
+        return r.code, await r.content()
+
+    results = await gatherResults([Deferred.fromCoroutine(one()) for _ in range(8)])
+    assert all(code == 200 and json.loads(body)["sha"] == COMMIT for code, body in results)
+    assert upstream.count("/api/models/org/m/revision/main") == 1

@@ -58,7 +58,7 @@ from ..fetch import error_headers, read_body
 from ..logs import VaultLogger
 from ..serve import StoredBody, send_small, serve, set_entity_headers
 from ..store import UnsafePath, safe_segments
-from .base import FORWARD_LIMIT, Backend, relay_headers, set_outcome
+from .base import FORWARD_LIMIT, Backend, set_outcome
 from .hf_access import AccessPolicy
 
 log = VaultLogger()
@@ -71,6 +71,17 @@ API_KEYWORDS = {b"revision", b"tree", b"paths-info", b"refs", b"xet-read-token",
 REQUEST_BODY_LIMIT = 1024 * 1024
 #: seconds the hub counts as down after it failed to answer (a 429's Retry-After wins)
 HUB_DOWN_PAUSE = 15
+
+
+@dataclass(frozen=True)
+class _HubAnswer:
+    """An API answer of the hub, read whole (so several clients can share it)."""
+
+    code: int
+    content_type: str
+    link: str | None
+    errors: dict
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,8 @@ class HuggingFaceBackend(Backend):
         self.offline_timeout = float(config.options.get("offline_timeout", 4))
         #: (repo key, rev) -> (commit, monotonic time it was learned from the hub)
         self._refs: dict[tuple[str, str], tuple[str, float]] = {}
-        #: coalesced metadata HEADs: key -> list of waiting Deferreds
-        self._heads: dict[tuple, list[Deferred]] = {}
+        #: hub requests under way (metadata HEADs, API calls): key -> waiting Deferreds
+        self._asking: dict[tuple, list[Deferred]] = {}
         #: until when (monotonic) the hub counts as down: answers that the
         #: cache can give are given at once instead of waiting for it again
         self._hub_down_until = 0.0
@@ -344,22 +355,47 @@ class HuggingFaceBackend(Backend):
         self.save_info(repo, info["commit"], path, info)
         return info, True
 
-    def _coalesced_head(self, request, repo, rev, path, timeout) -> Deferred:
-        auth = self.auth_headers(request)
-        key = (repo.key, rev, path, hashlib.sha256(repr(sorted(auth.items())).encode()).hexdigest())
+    def _shared(self, key: tuple, start) -> Deferred:
+        """
+        One hub request for identical requests that arrive together: the
+        first calls ``start()``, the others wait for its result (each gets
+        its own Deferred).  Keys include the identity, so answers are shared
+        only between clients the hub would treat alike.
+        """
         d = Deferred()
-        waiting = self._heads.get(key)
+        waiting = self._asking.get(key)
         if waiting is not None:
             waiting.append(d)
             return d
-        self._heads[key] = [d]
+        self._asking[key] = [d]
 
         def fan_out(result):
-            for waiter in self._heads.pop(key, []):
+            for waiter in self._asking.pop(key, []):
                 waiter.callback(result) if not isinstance(result, Failure) else waiter.errback(result)
 
-        self.head_upstream(repo, rev, path, auth, timeout).addBoth(fan_out)
+        start().addBoth(fan_out)
         return d
+
+    def _coalesced_head(self, request, repo, rev, path, timeout) -> Deferred:
+        ident, auth = self.access.identity(request)
+        return self._shared(("head", repo.key, rev, path, ident),
+                            lambda: self.head_upstream(repo, rev, path, auth, timeout))
+
+    def _ask_api(self, key, ident, method, url, headers, body, timeout) -> Deferred:
+        """The hub's answer to an API call, read whole: a `_HubAnswer`."""
+
+        def start():
+            d = self.request_upstream(method, url, headers, data=body, timeout=timeout)
+
+            def read(response):
+                return read_body(response, FORWARD_LIMIT, timeout=timeout, clock=self.vault.reactor).addCallback(
+                    lambda answer: _HubAnswer(
+                        response.code, _header(response, "content-type") or "application/json",
+                        _header(response, "link"), error_headers(response), answer))
+
+            return d.addCallback(read)
+
+        return self._shared(("api", key, ident, method), start)
 
     def resolve_url(self, repo: Repo, rev: str, path: str) -> str:
         return (f"{self.config.base_url}/{repo.url_prefix}{repo.name}/resolve/"
@@ -562,23 +598,22 @@ class HuggingFaceBackend(Backend):
         if body is not None:
             headers["Content-Type"] = (request.getHeader(b"content-type") or b"application/x-www-form-urlencoded").decode("latin-1")
         try:
-            response = yield self.request_upstream(
-                "POST" if body is not None else "GET", url, headers, data=body,
-                timeout=self._timeout(entry))
-            answer = yield read_body(response, FORWARD_LIMIT, timeout=self._timeout(entry), clock=self.vault.reactor)
+            response = yield self._ask_api(key, ident, "POST" if body is not None else "GET", url, headers, body,
+                                           self._timeout(entry))
+            answer = response.body
         except (UpstreamUnavailable, UpstreamTimeout) as e:
             self.note_hub_down(e)
             if entry is not None:
                 return (yield from_cache(e.message))
             raise
         if response.code >= 500 or response.code == 429:
-            self.note_hub_down(UpstreamStatus(response.code, url, error_headers(response)))
+            self.note_hub_down(UpstreamStatus(response.code, url, response.errors))
         else:
-            self.access.note_answer(repo, "api", ident, response.code, error_headers(response))
+            self.access.note_answer(repo, "api", ident, response.code, response.errors)
         if response.code == 200:
             answer = self._clean_json(answer)
-            meta = {"content_type": _header(response, "content-type") or "application/json",
-                    "hub_link": _header(response, "link"), "upstream_url": url.split("?")[0]}
+            meta = {"content_type": response.content_type, "hub_link": response.link,
+                    "upstream_url": url.split("?")[0]}
             if kind == "info":
                 self._learn_commit(repo, rev, answer)
             kept = self.keep_small(key, answer, meta)
@@ -590,9 +625,10 @@ class HuggingFaceBackend(Backend):
         if (response.code >= 500 or response.code == 429) and entry is not None:
             return (yield from_cache(f"the hub answered {response.code}"))
         if response.code >= 500:
-            raise UpstreamStatus(response.code, url, error_headers(response))
-        relayed = relay_headers(response, ("retry-after", "x-error-code", "x-error-message", "x-repo-commit"))
-        content_type = _header(response, "content-type") or "application/json"
+            raise UpstreamStatus(response.code, url, response.errors)
+        relayed = {k: v for k, v in response.errors.items()
+                   if k in ("retry-after", "x-error-code", "x-error-message", "x-repo-commit")}
+        content_type = response.content_type
         if response.code == 404 and relayed.get("x-error-code") == "EntryNotFound":
             # A path that does not exist (transformers probes some): remembered like an answer.
             self.keep_small(key, answer, {"content_type": content_type, "status": 404, "error_headers": relayed})
