@@ -110,7 +110,7 @@ class _VaultRedirectAgent(RedirectAgent):
             location = response.headers.getRawHeaders(b"location", [b""])[0]
             if location and origin(self._resolveLocation(uri, location)) != origin(uri):
                 # The caller wants this answer itself (the hub's redirect to its CDN).
-                response.deliverBody(_Discard())
+                response.deliverBody(Discard())
                 return response
         return super()._handleResponse(response, method, uri, headers, redirectCount)
 
@@ -123,7 +123,7 @@ class _VaultRedirectAgent(RedirectAgent):
         # Twisted's version resolves every later hop against the first URI
         # (and compares origins with it); each hop must be taken from where
         # the previous one landed.
-        response.deliverBody(_Discard())
+        response.deliverBody(Discard())
         if redirectCount >= self._redirectLimit:
             raise ResponseFailed([Failure(werror.InfiniteRedirection(
                 response.code, b"Infinite redirection detected", location=uri))], response)
@@ -146,7 +146,7 @@ class _VaultRedirectAgent(RedirectAgent):
         return d.addCallback(self._handleResponse, method, target, headers, redirectCount + 1)
 
 
-class _Discard(Protocol):
+class Discard(Protocol):
     def dataReceived(self, data):
         pass
 
@@ -267,7 +267,7 @@ class Upstream:
 
         def got_response(response):
             if transfer.finished:  # cancelled while waiting
-                response.deliverBody(_Discard())
+                response.deliverBody(Discard())
                 return
             if response.code != 200:
                 return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=timeout,
@@ -278,7 +278,7 @@ class Upstream:
                 )
             declared = _content_length(response)
             if declared is not None and expected_size is not None and declared != expected_size:
-                response.deliverBody(_Discard())
+                response.deliverBody(Discard())
                 transfer.failed(
                     Failure(
                         IntegrityError(
@@ -295,7 +295,7 @@ class Upstream:
                     raise OSError(errno.ENOSPC, "not enough free space for the announced size")
                 writer = store.writer(key)
             except OSError as e:
-                response.deliverBody(_Discard())
+                response.deliverBody(Discard())
                 transfer.failed(Failure(storage_error(e, key)))
                 return
             log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",

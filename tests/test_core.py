@@ -534,3 +534,19 @@ async def test_a_file_larger_than_the_free_space_is_507_and_nothing_is_written(v
     assert not temp_files(v.config.cache_dir) and v.store.lookup("files/big.bin") is None
     r = await http.get(v.url + "/files/small.txt")  # hits are still served
     assert r.code == 200 and await r.content() == SMALL
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_answers_stream_through_at_any_size(vault_factory, upstream, http):
+    upstream.add("/dl.bin", BODY, hold=True)
+    upstream.add("/cut.bin", BODY, cut_after=100_000)
+    v = vault_factory(backend(upstream))
+    response, s = await stream(http, v.url + "/files/dl.bin?download=1")
+    assert response.code == 200 and response.length == len(BODY)
+    upstream.release("/dl.bin", upto=200_000)
+    await until(lambda: len(s.data) >= 200_000)  # bytes flow before upstream has finished
+    upstream.release("/dl.bin")
+    assert (await s.done).reason.check(ResponseDone) and bytes(s.data) == BODY
+    response, s = await stream(http, v.url + "/files/cut.bin?x=1")
+    assert not (await s.done).reason.check(ResponseDone)  # a cut upstream is a cut for the client
+    assert v.store.lookup("files/dl.bin") is None and v.store.lookup("files/cut.bin") is None

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from ..config import BackendConfig
 from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
-from ..fetch import Upstream, read_body, storage_error
+from ..fetch import Upstream, Discard, read_body, storage_error
 from ..inflight import HolderGone, Inflight, RemoteTransfer, Transfer
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
@@ -212,6 +215,43 @@ class Backend:
             **kw,
         )
 
+    def relay(self, request, method: str, url: str, *, headers: dict | None = None,
+              relayed=RELAYED_HEADERS) -> Deferred:
+        """
+        Stream one upstream answer through without caching it, whatever its
+        size (folder listings, URLs with a query, HEAD of an uncached file).
+        """
+        d = self.request_upstream(method, url, headers)
+        set_outcome(request, "forwarded")
+
+        def got(response):
+            if response.code >= 500:
+                response.deliverBody(Discard())
+                raise UpstreamStatus(response.code, url, relay_headers(response, ("retry-after",)))
+            if getattr(request, "_disconnected", False):
+                response.deliverBody(Discard())
+                return None
+            request.setResponseCode(response.code)
+            for name, value in relay_headers(response, relayed).items():
+                request.setHeader(name, value)
+            length = response.length if isinstance(response.length, int) else None
+            if method == "HEAD":
+                upstream_length = response.headers.getRawHeaders(b"content-length")
+                if upstream_length:
+                    request.setHeader(b"content-length", upstream_length[0])
+                response.deliverBody(Discard())
+                request.finish()
+                return None
+            if length is not None:
+                request.setHeader(b"content-length", b"%d" % length)
+            request.write(b"")  # status and headers now, before the first byte
+            relay = _Relay(request, framed=length is not None
+                           or b"chunked" in b",".join(response.headers.getRawHeaders(b"transfer-encoding", [])))
+            response.deliverBody(relay)
+            return relay.done
+
+        return d.addCallback(got)
+
     def forward(
         self,
         request,
@@ -253,6 +293,36 @@ class Backend:
             request.finish()
 
         return d.addCallback(got).addCallback(answer)
+
+
+class _Relay(Protocol):
+    """
+    Streams an upstream body to a client as it comes, with backpressure both
+    ways: the client's pace pauses the upstream transport, a client that
+    leaves stops it, and an upstream that breaks off aborts the client.
+    """
+
+    def __init__(self, request, framed: bool):
+        self.request = request
+        self.framed = framed  # Content-Length or chunked: a clean end can be told from a cut
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.request.registerProducer(self.transport, True)
+        self.request.notifyFinish().addErrback(lambda _: self.transport.stopProducing())
+
+    def dataReceived(self, data):
+        if not getattr(self.request, "_disconnected", False):
+            self.request.write(data)
+
+    def connectionLost(self, reason):
+        if not getattr(self.request, "_disconnected", False):
+            self.request.unregisterProducer()
+            if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and not self.framed):
+                self.request.finish()
+            else:
+                self.request.channel.transport.abortConnection()
+        self.done.callback(None)
 
 
 def set_outcome(request, outcome: str) -> None:

@@ -29,11 +29,11 @@ class HttpBackend(Backend):
         if folder or query:
             if query:
                 url += "?" + query.decode("ascii", "replace")
-            return self.forward(request, request.method.decode(), url)
+            return self.relay(request, request.method.decode(), url)
         key = f"{self.name}/" + "/".join(segments)
         if request.method == b"HEAD" and self.store.lookup(key) is None and self.vault.inflight.get(key) is None:
-            return self.forward(request, "HEAD", url, relayed=_HEAD_HEADERS)
+            return self.relay(request, "HEAD", url, relayed=_HEAD_HEADERS)
         return self.serve_cached(request, key, url)
 
 
-_HEAD_HEADERS = ("content-type", "content-length", "etag", "last-modified", "accept-ranges")
+_HEAD_HEADERS = ("content-type", "etag", "last-modified", "accept-ranges")
