@@ -62,7 +62,11 @@ RELAYED_HEADERS = (
 
 
 class Backend:
-    """Base of every backend type; subclasses implement `handle`."""
+    """
+    Base of every backend type.  Each type defines ``handle(request,
+    subpath)``: the raw path below its prefix in, a Deferred (or None) out,
+    failures as VaultError.
+    """
 
     methods = ("GET", "HEAD")
 
@@ -78,9 +82,6 @@ class Backend:
     def evictable(self, key: str) -> bool:
         """May the janitor remove this entry to respect max_cache_size?"""
         return True
-
-    def handle(self, request, subpath: bytes) -> Deferred:
-        raise NotImplementedError  # pragma: no cover - every backend type defines it
 
     def check_method(self, request, allowed=None):
         allowed = allowed or self.methods
