@@ -18,8 +18,10 @@ import os
 import time
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from .errors import UpstreamUnavailable
 from .store import CacheWriter, Entry
 
 
@@ -81,8 +83,6 @@ class Transfer:
         """Stop now (shutdown): the temp file goes, every client is cut off."""
         if self.finished:
             return
-        from .errors import UpstreamUnavailable
-
         if self.writer is not None:
             self.writer.abort()
         self.failed(Failure(UpstreamUnavailable(reason)))
@@ -145,6 +145,9 @@ class Transfer:
             return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
         return os.open(self.writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
 
+    def closed(self) -> None:
+        """A reader let go of its descriptor (nothing to count for a file still being written)."""
+
     def watch(self, callback) -> None:
         self._watchers.append(callback)
 
@@ -201,8 +204,6 @@ class RemoteTransfer(Transfer):
         self.store = store
         self.lock = store.lock(key)
         self._fd: int | None = None
-        from twisted.internet.task import LoopingCall
-
         self._poller = LoopingCall(self._poll)
         self._poller.clock = reactor
         self._poller.start(self.POLL, now=True)
@@ -264,8 +265,6 @@ class RemoteTransfer(Transfer):
         self.data_written()
 
     def _lost(self):
-        from .errors import UpstreamUnavailable
-
         self.failed(Failure(UpstreamUnavailable(
             f"the download of {self.label} in another vault process did not complete")))
 

@@ -226,8 +226,7 @@ def serve(request, body, meta: dict) -> Deferred:
             data = os.pread(fd, end - start, start)
         finally:
             os.close(fd)
-            if hasattr(body, "closed"):
-                body.closed()
+            body.closed()
         if len(data) != end - start:
             raise VaultError("the cached file is shorter than its metadata says", 503)
         request.write(data)
@@ -363,8 +362,7 @@ class _Streamer:
             self.done = True
             self.body.unwatch(self._more)
             os.close(self.fd)
-            if hasattr(self.body, "closed"):
-                self.body.closed()
+            self.body.closed()
 
     def _client_gone(self, result):
         self._close()

@@ -1,7 +1,8 @@
 """
-What the Hugging Face tests share: the fake hub as a subprocess, the vault as
-a real twistd subprocess, and the real clients, each scenario in its own
-Python subprocess (huggingface_hub reads HF_ENDPOINT at import time).
+What the subprocess tests share: the fake hub and the fake upstream as
+subprocesses, the vault as a real twistd subprocess, and the real Hugging
+Face clients, each scenario in its own Python subprocess (huggingface_hub
+reads HF_ENDPOINT at import time).
 """
 
 import contextlib
@@ -237,3 +238,47 @@ def vault_process(folder, backends, **top):
         yield VaultProcess(proc, url, folder, config)
     finally:
         stop_process(proc)
+
+
+class UpstreamProcess:
+    """tests/upstream.py as its own process, serving `files` and steered through /_fake/."""
+
+    def __init__(self, folder):
+        self.files = folder / "upstream-files"
+        self.files.mkdir(parents=True)
+        ready = folder / "upstream-ready.json"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstream", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+             "--files", str(self.files)],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the fake upstream did not start"
+            time.sleep(0.05)
+        self.url = json.loads(ready.read_text())["url"]
+
+    def put(self, name, data, **behaviour):
+        """Serve `data` at /name, with tests/upstream.py behaviours (hold, throttle, status...)."""
+        path = self.files / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.control("/_fake/add", {"path": "/" + name, "file": str(path), **behaviour})
+
+    def fail(self, name, status=503):
+        self.control("/_fake/add", {"path": "/" + name, "data": "maintenance", "status": status})
+
+    def release(self, name, upto=None):
+        self.control(f"/_fake/release?path=/{name}" + ("" if upto is None else f"&upto={upto}"))
+
+    def control(self, path, document=None):
+        status, _, body = fetch("POST", self.url + path, {"Content-Type": "application/json"},
+                                json.dumps(document or {}).encode())
+        assert status == 200, body
+
+    def requests(self):
+        return json.loads(fetch("GET", self.url + "/_fake/requests")[2])
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.close()

@@ -11,7 +11,7 @@ from twisted.internet import protocol, reactor
 from twisted.web.client import ResponseDone
 
 from artifact_vault.store import open_readers
-from tests.test_core import BODY, backend, raw_get, sleep, stream, temp_files
+from tests.test_core import BODY, raw_get, sleep, stream, temp_files
 from tests.test_huggingface_faults import COMMIT, DATA, add_file, hub_backend, lfs_headers
 
 

@@ -13,13 +13,11 @@ the fake hub as subprocesses.
 
 import errno
 import hashlib
-import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -30,7 +28,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.web.client import ResponseDone
 
 from tests.hfenv import (
-    ROOT,
+    UpstreamProcess,
     fake_hub,
     fetch,
     file_sha256,
@@ -268,50 +266,6 @@ def test_hub_down_then_back_with_the_real_client(tmp_path):
 
 
 # -- c, d: kill -9 and SIGTERM of the daemon with downloads in flight ---------------------
-
-
-class UpstreamProcess:
-    """tests/upstream.py as its own process, serving `files` and steered through /_fake/."""
-
-    def __init__(self, folder):
-        self.files = folder / "upstream-files"
-        self.files.mkdir(parents=True)
-        ready = folder / "upstream-ready.json"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.upstream", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--files", str(self.files)],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while not ready.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "the fake upstream did not start"
-            time.sleep(0.05)
-        self.url = json.loads(ready.read_text())["url"]
-
-    def put(self, name, data, **behaviour):
-        """Serve `data` at /name, with tests/upstream.py behaviours (hold, throttle, status...)."""
-        path = self.files / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        self.control("/_fake/add", {"path": "/" + name, "file": str(path), **behaviour})
-
-    def fail(self, name, status=503):
-        self.control("/_fake/add", {"path": "/" + name, "data": "maintenance", "status": status})
-
-    def release(self, name, upto=None):
-        self.control(f"/_fake/release?path=/{name}" + ("" if upto is None else f"&upto={upto}"))
-
-    def control(self, path, document=None):
-        status, _, body = fetch("POST", self.url + path, {"Content-Type": "application/json"},
-                                json.dumps(document or {}).encode())
-        assert status == 200, body
-
-    def requests(self):
-        return json.loads(fetch("GET", self.url + "/_fake/requests")[2])
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.proc.stderr.close()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet.defer import gatherResults
 from twisted.web.client import ResponseDone
 
-from tests.hfenv import vault_process
+from tests.hfenv import UpstreamProcess, vault_process
 from tests.test_core import BODY, backend, stream, temp_files, until
 
 
@@ -83,30 +83,12 @@ async def test_a_follower_that_arrives_after_the_commit_serves_the_entry(vault_f
 
 def test_two_daemons_share_one_cache_under_concurrent_load(tmp_path):
     """Two real twistd processes, 8 files, 40 concurrent clients spread over both."""
-    files = tmp_path / "files"
-    files.mkdir()
-    expected = {}
-    for i in range(8):
-        data = hashlib.sha256(str(i).encode()).digest() * (20000 + 5000 * i)
-        (files / f"f{i}.bin").write_bytes(data)
-        expected[f"f{i}.bin"] = data
-    import subprocess
-    import sys
-    import time
-
-    from tests.hfenv import ROOT
-
-    ready = tmp_path / "up.json"
-    up = subprocess.Popen([sys.executable, "-m", "tests.upstream", "--listen", "127.0.0.1:0",
-                           "--ready-file", str(ready), "--files", str(files)], cwd=ROOT,
-                          stdout=subprocess.DEVNULL)
+    expected = {f"f{i}.bin": hashlib.sha256(str(i).encode()).digest() * (20000 + 5000 * i) for i in range(8)}
+    up = UpstreamProcess(tmp_path)
+    for name, data in expected.items():
+        up.put(name, data)
     try:
-        for _ in range(200):
-            if ready.exists() and ready.read_text():
-                break
-            time.sleep(0.05)
-        up_url = json.loads(ready.read_text())["url"]
-        backends = [{"type": "http", "name": "files", "config": {"prefix": "/files/", "base_url": up_url}}]
+        backends = [{"type": "http", "name": "files", "config": {"prefix": "/files/", "base_url": up.url}}]
         cache = str(tmp_path / "cache")
         with vault_process(tmp_path / "a", backends, cache_dir=cache) as a, \
                 vault_process(tmp_path / "b", backends, cache_dir=cache) as b:
@@ -128,15 +110,12 @@ def test_two_daemons_share_one_cache_under_concurrent_load(tmp_path):
                 t.join(120)
             assert errors == []
             assert len(results) == 40 and all(body == expected[name] for name, body in results)
-            with urllib.request.urlopen(up_url + "/_fake/requests") as r:
-                log = json.loads(r.read())
-            gets = [x["path"] for x in log if x["method"] == "GET"]
+            gets = [x["path"] for x in up.requests() if x["method"] == "GET"]
             assert sorted(gets) == sorted(f"/f{i}.bin" for i in range(8))  # one GET per file, both daemons
             assert not temp_files(cache)
             assert os.path.isdir(os.path.join(cache, ".locks"))
     finally:
-        up.terminate()
-        up.wait(10)
+        up.stop()
 
 
 def test_workers_option_runs_several_processes_on_one_port(tmp_path):

@@ -46,7 +46,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from artifact_vault.config import ConfigError, load, parse
 from tests.hfenv import fetch, vault_process
-from tests.test_faults import UpstreamProcess
+from tests.hfenv import UpstreamProcess
 
 # Hypothesis keeps caches (and failure patches) in .hypothesis/ under the current folder: not in the work tree.
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "artifact-vault-hypothesis"))
