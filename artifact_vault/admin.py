@@ -228,7 +228,7 @@ def stats(root, request):
     d = deferToThread(collect_entries, root.vault.store.root)
 
     def done(found):
-        document = root.status()
+        document = root.status(names=True)
         usage = usage_of(found[0])
         usage["max_bytes"] = root.vault.janitor.cap if root.vault.janitor is not None else None
         for b in root.backends:

@@ -72,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: headers that carry a secret: they go to the vault's own origin only
+SECRET_HEADERS = ("x-admin-token", "x-vault-token", "x-hub-authorization", "authorization")
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect, but never take the tokens to another scheme, host or port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in list(new.headers):
+                if name.lower() in SECRET_HEADERS:
+                    del new.headers[name]
+        return new
+
+
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+
+
 def call(args, method: str, endpoint: str, query=None, body=None, headers=None, timeout=60.0):
     """One admin call: the decoded JSON answer, or CallFailed with the status and message."""
     url = args.url.rstrip("/") + "/_vault/admin/" + endpoint
@@ -92,7 +116,7 @@ def call(args, method: str, endpoint: str, query=None, body=None, headers=None, 
     if args.timeout is not None:
         timeout = args.timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
         text = e.read().decode("utf-8", "replace").strip()

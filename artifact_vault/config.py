@@ -22,6 +22,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?\.?)$")
 
 
 class ConfigError(Exception):
@@ -110,6 +111,8 @@ COMMON_OPTIONS = {
     "headers": Option(dict, {}, _headers),
     # Cap on this backend's share of the cache (e.g. 200G); least recently used entries go first.
     "max_cache_size": Option((str, int), None, _size),
+    # Upstream downloads this backend runs at once; further cache misses wait for a free slot.
+    "max_downloads": Option(int, 16, lambda v: None if 1 <= v <= 1024 else "must be between 1 and 1024"),
 }
 
 #: Per type: extra options, and defaults that replace the common ones.
@@ -138,7 +141,7 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
 }
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
-             "admin_token", "backends"}
+             "admin_token", "allowed_hosts", "backends"}
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class BackendConfig:
     max_redirects: int
     headers: Mapping[str, str]
     max_cache_size: int | None = None
+    max_downloads: int = 16
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -168,6 +172,8 @@ class VaultConfig:
     max_cache_size: int | None = None
     #: guards /_vault/admin/ (None: the admin endpoints are off)
     admin_token: str | None = None
+    #: Host header names accepted (empty: the default that http_host implies, see site.HostCheck)
+    allowed_hosts: tuple = ()
 
 
 def default_cache_dir(environ=None) -> str:
@@ -281,6 +287,7 @@ def _backend(raw, index, environ) -> BackendConfig:
         max_redirects=common["max_redirects"],
         headers=MappingProxyType(dict(common["headers"])),
         max_cache_size=common["max_cache_size"],
+        max_downloads=common["max_downloads"],
         options=MappingProxyType(values),
     )
 
@@ -345,7 +352,13 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
     if admin is not None and (not isinstance(admin, str) or len(admin) < 16 or not admin.isprintable()
                               or " " in admin):
         raise ConfigError("admin_token", "must be a string of 16 or more printable characters without spaces")
-    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin)
+    hosts = document.get("allowed_hosts") or []
+    if isinstance(hosts, str):
+        hosts = [h for h in hosts.replace(",", " ").split() if h]
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and _HOST_PATTERN.match(h) for h in hosts):
+        raise ConfigError("allowed_hosts", "must be a list of host names, each may start with '*.' (or be '*')")
+    return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin,
+                       tuple(h.lower().rstrip(".") for h in hosts))
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

@@ -249,13 +249,36 @@ class Upstream:
         expected_size: int | None = None,
         expected_sha256: str | None = None,
         label: str | None = None,
+        slots=None,
     ) -> Transfer:
         """
         Start the upstream GET for a cache miss.  `describe(response)` turns
         the upstream response into the metadata kept with the entry (content
-        type, etag, ...); the default keeps the usual entity headers.
+        type, etag, ...); the default keeps the usual entity headers.  With
+        `slots` (a DeferredSemaphore), the GET waits for a free slot: that
+        bounds how many downloads a backend runs at once.
         """
-        transfer = Transfer(key, url, label)
+        transfer = Transfer(key, url, label, clock=self.reactor)
+        if slots is None:
+            self._start_transfer(transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
+                                 describe, expected_size, expected_sha256)
+            return transfer
+
+        def begin(_):
+            if transfer.finished:  # stopped while it waited
+                slots.release()
+                return
+            transfer.on_finished(lambda t: slots.release())
+            self._start_transfer(transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
+                                 describe, expected_size, expected_sha256)
+
+        waiting = slots.acquire()
+        transfer.cancel_upstream = waiting.cancel
+        waiting.addCallbacks(begin, lambda failure: failure.trap(CancelledError))
+        return transfer
+
+    def _start_transfer(self, transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
+                        describe, expected_size, expected_sha256) -> None:
         d = self.request(
             "GET",
             url,
@@ -293,7 +316,7 @@ class Upstream:
             try:
                 if total is not None and total > store.free_space(key):
                     raise OSError(errno.ENOSPC, "not enough free space for the announced size")
-                writer = store.writer(key)
+                writer = store.writer(key, expected=total)
             except OSError as e:
                 response.deliverBody(Discard())
                 transfer.failed(Failure(storage_error(e, key)))
@@ -312,7 +335,6 @@ class Upstream:
 
         d.addCallback(got_response).addErrback(failed)
         transfer.cancel_upstream = d.cancel
-        return transfer
 
 
 def describe_response(response) -> dict:

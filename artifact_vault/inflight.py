@@ -22,12 +22,26 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from .errors import UpstreamUnavailable
+from .logs import VaultLogger
 from .store import CacheWriter, Entry
+
+log = VaultLogger()
+
+#: seconds a download that every client left waits for one to come back (clients retry)
+ABANDON_GRACE = 10.0
+#: a download that every client left is finished anyway when no more than this remains...
+FINISH_IF_REMAINING = 64 * 1024 * 1024
+# ...or when at least half of it is in: the bytes already fetched are worth the rest.
 
 
 class Transfer:
-    def __init__(self, key: str, url: str, label: str | None = None):
+    def __init__(self, key: str, url: str, label: str | None = None, clock=None):
         self.key = key
+        #: the reactor, for the grace period of a download nobody waits for (None: no such rule)
+        self.clock = clock
+        #: client requests attached now (waiting or streaming)
+        self.interested = 0
+        self._abandon_timer = None
         self.url = url
         #: how logs name it: the path clients asked for, where that says more than the key
         self.label = label or key
@@ -90,6 +104,42 @@ class Transfer:
             self.cancel_upstream()
 
     # -- what clients use ---------------------------------------------------
+
+    def attach(self) -> None:
+        """A client request waits for (or streams) this download."""
+        self.interested += 1
+        self.clients += 1
+        if self._abandon_timer is not None and self._abandon_timer.active():
+            self._abandon_timer.cancel()
+
+    def detach(self) -> None:
+        """
+        A client request is over (answered, or the client left).  When the
+        last one goes, the download is given `ABANDON_GRACE` seconds for a
+        client to come back, then stopped unless it is worth finishing.
+        """
+        self.interested -= 1
+        if self.interested <= 0 and not self.finished and self.clock is not None:
+            self._abandon_timer = self.clock.callLater(ABANDON_GRACE, self._abandoned)
+
+    def worth_finishing(self) -> bool:
+        """Nobody waits: finish only what is nearly done or half done (and of known size)."""
+        if not self.streaming or self.total is None:
+            return False
+        written = self.available()
+        remaining = self.total - written
+        return remaining <= FINISH_IF_REMAINING or written >= remaining
+
+    def _abandoned(self) -> None:
+        if self.interested > 0 or self.finished:
+            return
+        if self.worth_finishing():
+            log.info("Every client left the download of {label}; finishing it ({done} of {total} bytes are in)",
+                     label=self.label, done=self.available(), total=self.total)
+            return
+        log.info("Stopping the download of {label}: every client left and most of it is still to come",
+                 label=self.label)
+        self.abort("every client left")
 
     @property
     def finished(self) -> bool:
@@ -164,6 +214,8 @@ class Transfer:
     # -- internals ------------------------------------------------------------
 
     def _finish(self) -> None:
+        if self._abandon_timer is not None and self._abandon_timer.active():
+            self._abandon_timer.cancel()
         for callback in self._on_finished:
             callback(self)
         self._on_finished = []

@@ -92,17 +92,26 @@ def parse_range(header: bytes | None, size: int):
     if first == "":
         if last == "":
             return None
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             return "unsatisfiable"
         return (max(0, size - suffix), size)
-    start = int(first)
-    end = int(last) + 1 if last else size
+    start = _position(first)
+    end = _position(last) + 1 if last else size
     if last and end <= start:
         return None  # last < first: invalid, ignored as RFC 9110 says
     if start >= size:
         return "unsatisfiable"
     return (start, min(end, size))
+
+
+def _position(digits: str) -> int:
+    """
+    A byte position as written in a Range header.  Any number of digits is
+    valid (RFC 9110); past 18 of them the value is beyond every file, and is
+    not converted (Python refuses int() of very long strings).
+    """
+    return int(digits) if len(digits) <= 18 else 1 << 62
 
 
 def _etag_matches(header: bytes, etag: str | None, weak=True) -> bool:

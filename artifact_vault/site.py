@@ -4,8 +4,10 @@ The root of the web tree: routes by prefix to the backends, answers
 """
 
 import hmac
+import ipaddress
 import json
 import os
+import socket
 import time
 
 from twisted.internet.defer import maybeDeferred
@@ -52,13 +54,72 @@ def respond_error(failure, request, what="request", metrics=None):
     return None
 
 
+class HostCheck:
+    """
+    Which names in the Host header the vault answers to (``allowed_hosts``).
+
+    A web page on some other site can make a browser send requests to a
+    name that the attacker's DNS points at the vault (DNS rebinding); those
+    carry the attacker's name in Host, which is refused.  IP addresses are
+    always accepted (rebinding needs a name), and so is a request without a
+    Host header.  ``*.example.org`` matches every name below example.org,
+    ``*`` any name.  The default: localhost, the name in ``http_host``, and
+    for a wildcard ``http_host`` (0.0.0.0, ::) this machine's names.
+    """
+
+    def __init__(self, names):
+        self.any = "*" in names
+        self.names = {n for n in names if not n.startswith("*")}
+        self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+
+    @classmethod
+    def from_config(cls, config) -> "HostCheck":
+        if config.allowed_hosts:
+            return cls(config.allowed_hosts)
+        names = {"localhost"}
+        host = config.http_host.lower().strip("[]")
+        if host in ("0.0.0.0", "::", "*"):
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        elif not _is_address(host):
+            names.add(host.rstrip("."))
+        return cls(names)
+
+    def allows(self, header: bytes | None) -> bool:
+        if header is None or self.any:
+            return True
+        try:
+            text = header.decode("ascii").strip().lower()
+        except UnicodeDecodeError:
+            return False
+        if text.startswith("["):
+            name = text[1:text.find("]")] if "]" in text else text
+        else:
+            name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        name = name.rstrip(".")
+        return _is_address(name) or name in self.names or name.endswith(self.suffixes)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+#: on every answer made of upstream content: it is data, never a page of the
+#: vault's origin (an .html or .svg from a repo must not run script here)
+CONTENT_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"content-security-policy", b"sandbox"))
+
+
 class VaultRoot(Resource):
     """Leaf resource: the raw request path is matched against backend prefixes."""
 
     isLeaf = True
 
-    def __init__(self, backends, vault, reactor, access_tokens=(), admin_token=None):
+    def __init__(self, backends, vault, reactor, access_tokens=(), admin_token=None, hosts=None):
         super().__init__()
+        self.hosts = hosts or HostCheck(["*"])
         self.admin_token = admin_token
         self.access_tokens = [t.encode() for t in access_tokens]
         self.backends = sorted(backends, key=lambda b: len(b.config.prefix), reverse=True)
@@ -91,6 +152,11 @@ class VaultRoot(Resource):
         path = request.path
         request.vault_started = time.monotonic()
         metrics = self.vault.metrics
+        if path != b"/_vault/health" and not self.hosts.allows(request.getHeader(b"host")):
+            d = maybeDeferred(_raise, VaultError(
+                "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421))
+            d.addErrback(respond_error, request, "request for another host")
+            return NOT_DONE_YET
         if path != b"/_vault/health" and not self.client_allowed(request):
             d = maybeDeferred(_raise, VaultError(
                 "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
@@ -107,6 +173,8 @@ class VaultRoot(Resource):
                 what = "request"
             else:
                 request.vault_backend = backend.name
+                for name, value in CONTENT_HEADERS:
+                    request.setHeader(name, value)
                 if metrics is not None:
                     request.notifyFinish().addBoth(self._account, request, metrics)
                 prefix = backend.config.prefix.encode("ascii")
@@ -153,11 +221,26 @@ class VaultRoot(Resource):
         if what == b"metrics" and self.vault.metrics is not None:
             return send_small(request, b"text/plain; version=0.0.4; charset=utf-8", self.vault.metrics.render())
         if what == b"status.json":
-            return self._json(request, self.status())
+            return self._json(request, self.status(names=self.is_admin(request)))
         raise NotFound("unknown status page")
 
-    def status(self) -> dict:
-        """What the status page shows: use, hit ratio, downloads in flight, recent errors."""
+    def is_admin(self, request) -> bool:
+        """Did the request come with the admin token (without it, the status shows no names)?"""
+        from .admin import check_token
+
+        try:
+            check_token(self, request)
+        except VaultError:
+            return False
+        return True
+
+    def status(self, names: bool = False) -> dict:
+        """
+        What the status page shows: use, hit ratio, downloads in flight,
+        recent errors.  The names of files being downloaded and the requests
+        that failed (private repo and file names) only with `names`, which
+        the caller grants to holders of the admin token; others see counts.
+        """
         metrics = self.vault.metrics
         totals = metrics.totals() if metrics else {}
         answered = sum(totals.values())
@@ -168,7 +251,7 @@ class VaultRoot(Resource):
             elapsed = max(now - t.started_at, 1e-3)
             got = t.available()
             downloads.append({
-                "name": t.label, "bytes": got, "total": t.size,
+                **({"name": t.label} if names else {}), "bytes": got, "total": t.size,
                 "percent": round(100 * got / t.size, 1) if t.size else None,
                 "rate": round(got / elapsed), "clients": t.watcher_count, "seconds": round(elapsed, 1),
             })
@@ -181,7 +264,8 @@ class VaultRoot(Resource):
             "hit_ratio": round(from_cache / answered, 3) if answered else None,
             "cache": usage,
             "downloads": downloads,
-            "recent_errors": list(metrics.recent_errors) if metrics else [],
+            "recent_errors": [e if names else {"time": e["time"], "status": e["status"]}
+                              for e in (metrics.recent_errors if metrics else [])],
         }
 
     def _json(self, request, document):

@@ -21,10 +21,12 @@ import secrets
 import time
 
 OUTCOMES = ("hit", "miss", "joined", "stale", "forwarded", "error")
+#: shown instead of a file or request name to those without the admin token
+HIDDEN = "(name shown with the admin token)"
 
 
 def render_status_page(root, request):
-    status = root.status()
+    status = root.status(names=root.is_admin(request))
     caps = {b.name: b.config.max_cache_size for b in root.backends}
     nonce = secrets.token_urlsafe(16)
     body = page(status, caps, nonce).encode("utf-8")
@@ -127,7 +129,7 @@ def downloads_html(s: dict) -> str:
                else '<progress max="100"></progress>')
         items.append(
             '<li class="download">'
-            f'<div class="dl-head"><span class="dl-name">{_e(d.get("name", ""))}</span>'
+            f'<div class="dl-head"><span class="dl-name">{_e(d.get("name", HIDDEN))}</span>'
             f'<span class="dl-pct">{_e(percent_text(d))}</span></div>'
             f'{bar}<div class="dl-facts">{_e(download_facts(d))}</div></li>')
     return "".join(items) or '<li class="empty">No downloads in flight.</li>'
@@ -137,7 +139,7 @@ def errors_html(s: dict) -> str:
     rows = []
     for err in s.get("recent_errors") or []:
         rows.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in (
-            clock(err.get("time")), err.get("status", ""), err.get("what", ""), err.get("message", ""))) + "</tr>")
+            clock(err.get("time")), err.get("status", ""), err.get("what", HIDDEN), err.get("message", ""))) + "</tr>")
     return "".join(rows) or '<tr><td colspan="4" class="empty">No errors recently.</td></tr>'
 
 
@@ -208,6 +210,7 @@ SCRIPT = r"""
 (function () {
   "use strict";
   var OUTCOMES = ["hit", "miss", "joined", "stale", "forwarded", "error"];
+  var HIDDEN = "(name shown with the admin token)";
   var caps = JSON.parse(document.getElementById("caps").textContent);
   var updates = 0;
 
@@ -275,7 +278,7 @@ SCRIPT = r"""
 
     fill("downloads", (s.downloads || []).map(function (d) {
       var li = el("li", null, "download"), head = el("div", null, "dl-head");
-      head.appendChild(el("span", d.name, "dl-name"));
+      head.appendChild(el("span", d.name || HIDDEN, "dl-name"));
       head.appendChild(el("span", percentText(d), "dl-pct"));
       var bar = el("progress");
       bar.max = 100;
@@ -306,7 +309,7 @@ SCRIPT = r"""
     }));
 
     fill("errors", (s.recent_errors || []).map(function (e) {
-      return row([clock(e.time), e.status, e.what, e.message]);
+      return row([clock(e.time), e.status, e.what || HIDDEN, e.message || ""]);
     }), "No errors recently.", 4);
   }
 

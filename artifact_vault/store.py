@@ -106,6 +106,8 @@ class CacheStore:
         self.root = os.path.abspath(root)
         self._memo: dict[str, tuple[tuple, Entry]] = {}
         self._touched: dict[str, float] = {}
+        #: writers with a promised size, until they commit or abort
+        self._writing: set = set()
 
     def path_for(self, key: str) -> str:
         path = os.path.normpath(os.path.join(self.root, key))
@@ -156,18 +158,30 @@ class CacheStore:
         except OSError:
             pass
 
-    def writer(self, key: str) -> "CacheWriter":
-        return CacheWriter(self, key, self.path_for(key))
+    def writer(self, key: str, expected: int | None = None) -> "CacheWriter":
+        """
+        A writer for `key`.  `expected` (bytes) is promised to it: until it
+        commits or aborts, `free_space` leaves that much room for it.
+        """
+        writer = CacheWriter(self, key, self.path_for(key), expected)
+        if expected:
+            self._writing.add(writer)
+        return writer
+
+    def promised(self) -> int:
+        """Bytes that downloads under way have announced and not written yet."""
+        return sum(max(0, w.expected - w.size) for w in self._writing)
 
     def free_space(self, key: str) -> int:
-        """Bytes free on the filesystem that would hold `key`."""
+        """Bytes free on the filesystem that would hold `key`, less what running downloads will still write."""
         folder = os.path.dirname(self.path_for(key))
         while not os.path.isdir(folder) and folder != self.root:
             folder = os.path.dirname(folder)
         try:
-            return shutil.disk_usage(folder if os.path.isdir(folder) else self.root).free
+            free = shutil.disk_usage(folder if os.path.isdir(folder) else self.root).free
         except OSError:
             return 1 << 62
+        return free - self.promised()
 
     def remove(self, key: str) -> None:
         self._memo.pop(key, None)
@@ -213,6 +227,10 @@ class CacheStore:
                     removed += 1
                 except OSError:
                     pass
+        for folder, _dirs, files in os.walk(os.path.join(self.root, ".locks")):
+            for name in files:
+                # a lock file left by a process that died holding it
+                KeyLock(os.path.join(folder, name)).remove_if_free()
         return removed
 
     def write_small(self, key: str, data: bytes, meta: dict) -> Entry:
@@ -243,28 +261,42 @@ class KeyLock:
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def try_acquire(self) -> bool:
-        fd = self._open()
-        for attempt in (1, 2):
+        for _ in range(100):
+            fd = self._open()
+            for attempt in (1, 2):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        os.close(fd)
+                        raise
+                    if attempt == 2 or self.read_info() is not None:
+                        os.close(fd)
+                        return False
+                    # Nobody published yet: maybe only another process's held_elsewhere()
+                    # probe (a shared lock for a moment). Look once more.
+                    time.sleep(0.001)
+            if not self._still_linked(fd):
+                # The holder we waited for removed this lock file as it let go:
+                # the lock that counts is on whatever file the name holds now.
+                os.close(fd)
+                continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                if attempt == 2 or self.read_info() is not None:
-                    os.close(fd)
-                    return False
-                # Nobody published yet: maybe only another process's held_elsewhere()
-                # probe (a shared lock for a moment). Look once more.
-                time.sleep(0.001)
+                os.ftruncate(fd, 0)
+            except OSError:
+                os.close(fd)
+                raise
+            self.fd = fd
+            return True
+        return False
+
+    def _still_linked(self, fd: int) -> bool:
         try:
-            os.ftruncate(fd, 0)
+            here, there = os.fstat(fd), os.stat(self.path)
         except OSError:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return True
+            return False
+        return (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
 
     def publish(self, info: dict) -> bool:
         """Best effort: without it (disk full), followers wait for the commit instead of streaming."""
@@ -277,18 +309,36 @@ class KeyLock:
         return True
 
     def release(self) -> None:
+        """
+        Let go, and remove the lock file while still holding it, so that lock
+        files never pile up (one per key ever asked for).  Whoever opened the
+        old file meanwhile sees that it is no longer linked and starts over.
+        """
         if self.fd is not None:
             fd, self.fd = self.fd, None
             try:
-                os.ftruncate(fd, 0)
+                if self._still_linked(fd):
+                    os.unlink(self.path)
+            except OSError:
+                pass
             finally:
                 os.close(fd)  # closing drops the flock
 
+    def remove_if_free(self) -> None:
+        """Remove the lock file unless someone holds it (start-up sweep)."""
+        try:
+            acquired = self.try_acquire()
+        except OSError:
+            return
+        if acquired:
+            self.release()
+
     def held_elsewhere(self) -> bool:
         """True while some other open file description holds the lock."""
-        if not os.path.exists(self.path):
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
             return False
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
@@ -317,10 +367,11 @@ class CacheWriter:
     and through sha256 as they arrive.
     """
 
-    def __init__(self, store: CacheStore, key: str, final_path: str):
+    def __init__(self, store: CacheStore, key: str, final_path: str, expected: int | None = None):
         self.store = store
         self.key = key
         self.final_path = final_path
+        self.expected = expected or 0
         os.makedirs(os.path.dirname(final_path), exist_ok=True)
         self.temp_path = f"{final_path}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -356,6 +407,7 @@ class CacheWriter:
 
     def commit(self, meta: dict) -> Entry:
         """fsync, write the sidecar, rename into place; return the entry."""
+        self.store._writing.discard(self)
         os.fsync(self.fd)
         os.close(self.fd)
         self.closed = True
@@ -380,6 +432,7 @@ class CacheWriter:
         return Entry(self.key, self.final_path, meta)
 
     def abort(self) -> None:
+        self.store._writing.discard(self)
         if not self.closed:
             self.closed = True
             try:

@@ -20,7 +20,7 @@ from .fetch import Upstream
 from .inflight import Inflight
 from .janitor import Janitor
 from .metrics import VaultMetrics
-from .site import VaultRoot, make_site
+from .site import HostCheck, VaultRoot, make_site
 from .store import CacheStore
 from .workers import ListenService, WorkerPool
 
@@ -106,7 +106,7 @@ def build_site(config, reactor):
                   metrics=metrics)
     backends = [backend_class(b.type)(b, vault) for b in config.backends]
     vault.janitor = Janitor(vault, config, backends, reactor)
-    root = VaultRoot(backends, vault, reactor, config.access_tokens, config.admin_token)
+    root = VaultRoot(backends, vault, reactor, config.access_tokens, config.admin_token, HostCheck.from_config(config))
     return make_site(root, reactor), root, vault
 
 

@@ -27,7 +27,11 @@ affected by the failure modes):
 * ``POST /_fake/reset``     clears that list and the CDN Authorization record.
 * ``POST /_fake/mode``      JSON ``{"mode": "normal"|"down5xx"|"hang"|"429",
   "target": "hub"|"cdn"|"both" (default "hub"), "throttle_bps": int|null,
-  "cut_after_bytes": int|null, "cdn_ttl": int}``; only the given keys change.
+  "cut_after_bytes": int|null, "cdn_ttl": int, "only_token": str|null,
+  "revoked": [tokens]}``; only the given keys change.  ``only_token`` limits
+  the failure mode to requests with that bearer token; ``revoked`` tokens open
+  nothing any more (as if their user lost access).  Gated repos show
+  README.md, LICENSE* and .gitattributes to everyone, as the hub does.
   ``throttle_bps`` slows file bodies, ``cut_after_bytes`` closes the connection
   after that many body bytes of every file response.  "hang" accepts requests
   and never answers; leaving "hang" closes the connections it held.
@@ -88,6 +92,11 @@ LFS_GITATTRIBUTES = (
 
 # --------------------------------------------------------------------------
 # Git-like objects
+
+
+def gate_free(path):
+    """What a gated repo shows to everyone, as the hub does: its card, licence and .gitattributes."""
+    return path in ("README.md", ".gitattributes") or path.split("/")[-1].upper().startswith("LICENSE") and "/" not in path
 
 
 def git_blob_sha1(data):
@@ -450,7 +459,9 @@ class FakeHubState:
         self.requests = []
         self.cdn_authorization = []
         self.hung = {"hub": [], "cdn": []}  # requests held open by the "hang" mode
-        self.opts = {s: {"mode": "normal", "throttle_bps": None, "cut_after_bytes": None} for s in ("hub", "cdn")}
+        self.revoked = set()  # tokens that no longer open anything (as if their user lost access)
+        self.opts = {s: {"mode": "normal", "throttle_bps": None, "cut_after_bytes": None, "only_token": None}
+                     for s in ("hub", "cdn")}
         self.started = time.time()
         self.counters = {"resolvers": [0, 0], "api": [0, 0]}  # window index, count
         # CDN objects: path -> (blob, filename)
@@ -811,6 +822,9 @@ class HubResource(Resource):
             return NOT_DONE_YET
         self.state.log_request("hub", request)
         mode = self.state.opts["hub"]["mode"]
+        only = self.state.opts["hub"].get("only_token")
+        if only is not None and self.token(request) != only:
+            mode = "normal"  # the failure is for one client's token only
         if mode == "hang":
             self.state.hung["hub"].append(request)
             return NOT_DONE_YET
@@ -867,7 +881,7 @@ class HubResource(Resource):
                 send_json(request, 400, {"error": f"bad mode {cfg['mode']!r}"})
                 return
             for t in targets:
-                for key in ("mode", "throttle_bps", "cut_after_bytes"):
+                for key in ("mode", "throttle_bps", "cut_after_bytes", "only_token"):
                     if key in cfg:
                         self.state.opts[t][key] = cfg[key]
                 if self.state.opts[t]["mode"] != "hang":
@@ -878,6 +892,8 @@ class HubResource(Resource):
                     self.state.hung[t].clear()
             if "cdn_ttl" in cfg:
                 self.state.cdn_ttl = int(cfg["cdn_ttl"])
+            if "revoked" in cfg:
+                self.state.revoked = set(cfg["revoked"])
             send_json(request, 200, self.state.status())
         elif sub == "state" and method in (b"GET", b"HEAD"):
             send_json(request, 200, self.state.status())
@@ -896,6 +912,8 @@ class HubResource(Resource):
 
     def check_access(self, request, rtype, repo_id, files):
         token = self.token(request)
+        if token in self.state.revoked:
+            token = "revoked:" + token
         if token == INVALID_TOKEN:
             raise HubError(401, "Invalid credentials in Authorization header")
         repo = self.state.repos.get((rtype, repo_id))
@@ -903,7 +921,7 @@ class HubResource(Resource):
             if token is None:
                 raise HubError(401, "Invalid username or password.", "RepoNotFound")
             raise HubError(404, "Repository not found", "RepoNotFound")
-        if repo.gated and files and token != PRIVATE_TOKEN:
+        if repo.gated and files and token != PRIVATE_TOKEN and not (isinstance(files, str) and gate_free(files)):
             kind = rtype
             if token is None:
                 raise HubError(401, f"Access to {kind} {repo_id} is restricted. You must have access to it and be "
@@ -966,7 +984,7 @@ class HubResource(Resource):
         return _unq(rest[0]), rest[1:], rest[0]
 
     def resolve(self, request, rtype, repo_id, rev, file_path, rev_raw, via_cache):
-        repo = self.check_access(request, rtype, repo_id, files=True)
+        repo = self.check_access(request, rtype, repo_id, files=file_path or True)
         commit = self.commit_for(repo, rev)
         rl, rlp = self.state.rate_limit("resolvers")
         base = list(COMMON_HUB_HEADERS) + [("X-Repo-Commit", commit.sha), ("RateLimit", rl), ("RateLimit-Policy", rlp),

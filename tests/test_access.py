@@ -81,10 +81,13 @@ def test_offline_honours_only_earlier_yes_answers(hub, tmp_path):
             # access_ttl has not run out: remembered answers, no hub needed
             assert fetch("GET", private, P)[0] == 200
             assert fetch("GET", public)[0] == 200
-            # nobody ever checked this token: offline never means public
-            status, headers, _ = fetch("GET", private, U)
-            assert status == 503 and headers.get("retry-after")
-            assert fetch("GET", private)[0] == 503
+            # nobody ever checked this token: offline never means public; the repo is
+            # known to be private, so the answer is the hub's to an outsider
+            status, headers, body = fetch("GET", private, U)
+            assert status == 404 and headers["x-error-code"] == "RepoNotFound"
+            assert b"cannot confirm access" in body
+            status, headers, _ = fetch("GET", private)
+            assert status == 401 and headers["x-error-code"] == "RepoNotFound"
         finally:
             hub.post_json("/_fake/mode", {"mode": "normal"})
 

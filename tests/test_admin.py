@@ -159,7 +159,7 @@ async def test_purge_skips_an_entry_a_client_is_reading(vault_factory, upstream,
         await (await http.get(v.url + path)).content()
     host, port = v.url.split("//")[1].split(":")
     slow = socket.create_connection((host, int(port)))  # asks for the big one and never reads
-    slow.sendall(b"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow.sendall(b"GET /files/big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
     try:
         await sleep(0.2)
         code, body = await admin_post(http, v, "purge", {"backend": "files"})

@@ -178,8 +178,10 @@ def assert_hf_cache_sound(cache_dir, hub):
     assert not temp_files(cache_dir)
     known = {}  # (kind/repo, commit) -> files
     for repo_key, repo in hub.info["repos"].items():
+        kind, _, name = repo_key.partition("/")
+        folder = repo_key if "/" in name else f"{kind}/%/{name}"  # legacy single names live under "%"
         for commit, c in repo["commits"].items():
-            known[(repo_key, commit)] = c["files"]
+            known[(folder, commit)] = c["files"]
     checked = 0
     for path in all_files(root):
         rel = os.path.relpath(path, root)

@@ -377,7 +377,7 @@ def test_everything_works_again_with_the_hub_down_hanging_limited_and_gone(tmp_p
                 if mode in ("hang", "gone"):
                     tf = run_client(v.endpoint, tmp_path, TRANSFORMERS_AND_DATASETS, hf_home=tmp_path / f"{mode}-tf")
                     assert tf == tf_online, mode
-                assert "Hub looks down" in v.log(), mode
+                assert "upstream looks down" in v.log(), mode
                 metrics = fetch("GET", v.url + "/_vault/metrics")[2].decode()
                 stale = [line for line in metrics.splitlines()
                          if line.startswith("artifact_vault_requests_total") and 'outcome="stale"' in line]

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from ..bounded import LRU
 from ..config import BackendConfig
 from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
 from ..fetch import Upstream, Discard, read_body, storage_error
@@ -77,7 +78,9 @@ class Backend:
         self.store = vault.store
         #: headers sent upstream on every request (and dropped on a hop to another origin)
         self.upstream_headers = dict(config.headers)
-        self._hits_logged: dict[str, float] = {}
+        self._hits_logged = LRU(10_000)
+        #: downloads this backend runs at once; more wait for a slot
+        self.download_slots = DeferredSemaphore(config.max_downloads)
 
     def evictable(self, key: str) -> bool:
         """May the janitor remove this entry to respect max_cache_size?"""
@@ -148,6 +151,7 @@ class Backend:
                 expected_size=expected_size,
                 expected_sha256=expected_sha256,
                 label=label,
+                slots=self.download_slots,
             )
             transfer.on_streaming(lambda t: lock.publish(
                 {"temp": t.writer.temp_path, "total": t.total, "meta": t.meta, "pid": os.getpid()}))
@@ -159,7 +163,8 @@ class Backend:
             return transfer
 
         transfer, started = self.vault.inflight.join(key, start)
-        transfer.clients += 1
+        transfer.attach()
+        request.notifyFinish().addBoth(lambda _: transfer.detach())
         if isinstance(transfer, RemoteTransfer):
             log.info("Following the download of {label} by another vault process", label=label)
             set_outcome(request, "joined")
@@ -197,8 +202,6 @@ class Backend:
         if last is not None and now - last < HIT_LOG_EVERY:
             log.debug("Cache hit for {label}", label=label)
             return
-        if len(self._hits_logged) > 10_000:
-            self._hits_logged.clear()
         self._hits_logged[label] = now
         log.info("Cache hit for {label}", label=label)
 

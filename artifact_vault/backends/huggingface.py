@@ -40,9 +40,9 @@ import mimetypes
 import re
 import time
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.python.failure import Failure
 
 from ..errors import (
@@ -50,11 +50,12 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     UpstreamStatus,
-    UpstreamTimeout,
     UpstreamUnavailable,
     VaultError,
 )
+from ..bounded import LRU
 from ..fetch import error_headers, read_body
+from ..freshness import UpstreamHealth, is_offline_error
 from ..logs import VaultLogger
 from ..serve import StoredBody, send_small, serve, set_entity_headers
 from ..store import UnsafePath, safe_segments
@@ -66,11 +67,14 @@ log = VaultLogger()
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REPO_TYPES = (b"models", b"datasets", b"spaces")
+REF_KINDS = (b"pr", b"heads", b"tags", b"convert")
 API_KEYWORDS = {b"revision", b"tree", b"paths-info", b"refs", b"xet-read-token", b"commits", b"treesize",
                 b"parquet", b"discussions", b"settings", b"commit", b"preupload", b"lfs-files"}
 REQUEST_BODY_LIMIT = 1024 * 1024
-#: seconds the hub counts as down after it failed to answer (a 429's Retry-After wins)
-HUB_DOWN_PAUSE = 15
+#: entries of the in-memory maps (commits of branches, not-found records)
+MEMORY_LIMIT = 100_000
+#: paths one commit's not-found record names (the oldest go first)
+MISSING_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,10 @@ class Repo:
 
     @property
     def key(self) -> str:
-        return f"{self.kind}/{self.name}"
+        # Always two segments: a legacy single-name repo ("gpt2") goes under
+        # "%", which no org name can be (no path segment may hold a "%"), so
+        # it never shares a folder with an org's repo ("gpt2/<x>").
+        return f"{self.kind}/{self.name}" if "/" in self.name else f"{self.kind}/%/{self.name}"
 
 
 def parse_revision(raw: bytes) -> str:
@@ -148,6 +155,52 @@ def _check_forwarded_path(raw: bytes) -> None:
             raise BadRequest("bad path: '.' and '..' segments are not allowed")
 
 
+#: query parameters of the API calls whose answers are kept, per kind (anything else: relayed, not kept)
+KEPT_PARAMETERS = {
+    "info": {"blobs", "expand", "securityStatus", "files_metadata"},
+    "tree": {"recursive", "expand", "cursor", "limit"},
+    "refs": {"include_prs"},
+    "paths-info": set(),
+}
+PATHS_INFO_FIELDS = {"paths", "expand"}
+
+
+def kept_query(kind: str, raw: bytes, body: bytes | None) -> str | None:
+    """
+    The query (and, for paths-info, the form body) in one normal form, or
+    None when the answer must not be kept: an unknown parameter, an
+    overlong value, a paths-info call about more than one path.  So junk
+    query strings cannot each leave a record behind.
+    """
+    try:
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=bool(raw))
+        fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, strict_parsing=bool(body)) \
+            if body is not None else []
+    except (UnicodeDecodeError, ValueError):
+        return None
+    allowed = KEPT_PARAMETERS[kind]
+    if len(pairs) > 16 or any(k not in allowed or len(v) > 512 for k, v in pairs):
+        return None
+    if body is not None:
+        paths = [v for k, v in fields if k == "paths"]
+        if len(paths) != 1 or any(k not in PATHS_INFO_FIELDS or len(v) > 1024 for k, v in fields):
+            return None
+        pairs = pairs + [("body." + k, v) for k, v in fields]
+    return urlencode(sorted(pairs))
+
+
+def worth_keeping(kind: str, answer: bytes) -> bool:
+    """A paths-info answer naming nothing (a path that does not exist) is not kept."""
+    return kind != "paths-info" or answer.strip() not in (b"[]", b"")
+
+
+def attachment(path: str) -> str:
+    """``Content-Disposition: attachment`` naming the file, also when its name is not ASCII."""
+    name = path.rsplit("/", 1)[-1]
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 def strip_xet(node):
     """Remove every ``xetHash`` key, so that clients never switch to the Xet protocol."""
     if isinstance(node, dict):
@@ -164,43 +217,18 @@ class HuggingFaceBackend(Backend):
         self.revision_ttl = float(config.options.get("revision_ttl", 60))
         self.offline_timeout = float(config.options.get("offline_timeout", 4))
         #: (repo key, rev) -> (commit, monotonic time it was learned from the hub)
-        self._refs: dict[tuple[str, str], tuple[str, float]] = {}
+        self._refs = LRU(MEMORY_LIMIT)
+        #: per (repo, commit): the paths the hub said do not exist -> its message
+        self._missing = LRU(MEMORY_LIMIT // 10)
         #: hub requests under way (metadata HEADs, API calls): key -> waiting Deferreds
         self._asking: dict[tuple, list[Deferred]] = {}
-        #: until when (monotonic) the hub counts as down: answers that the
-        #: cache can give are given at once instead of waiting for it again
-        self._hub_down_until = 0.0
+        #: whether the hub answers at all: while it does not, the cache answers what it can at once
+        self.health = UpstreamHealth(self.name)
         self.access = AccessPolicy(self)
-
-    def evictable(self, key: str) -> bool:
-        """Contents and blobs may go; the metadata that offline use needs stays."""
-        return key.split("/")[1:2] in (["files"], ["blobs"])
-
-    # -- hub health ------------------------------------------------------------
-
-    def hub_is_down(self) -> bool:
-        return time.monotonic() < self._hub_down_until
-
-    def note_hub_down(self, error: VaultError) -> None:
-        pause = HUB_DOWN_PAUSE
-        retry_after = error.headers.get("retry-after", "")
-        if retry_after.isdigit():
-            pause = min(max(int(retry_after), 1), 300)
-        if not self.hub_is_down():
-            log.warn("Hub looks down ({why}); answering from the cache for {pause} s where it can",
-                     why=error.message, pause=pause)
-        self._hub_down_until = time.monotonic() + pause
 
     def _timeout(self, fallback) -> float:
         """How long to wait for the hub: short when the cache can answer instead or the hub is down."""
-        return self.offline_timeout if fallback is not None or self.hub_is_down() else self.config.timeout
-
-    @staticmethod
-    def is_offline_error(error: VaultError) -> bool:
-        """The hub cannot answer now (as opposed to: it answered no)."""
-        if isinstance(error, (UpstreamUnavailable, UpstreamTimeout)):
-            return True
-        return isinstance(error, UpstreamStatus) and (error.code >= 500 or error.code == 429)
+        return self.offline_timeout if fallback is not None or self.health.is_down() else self.config.timeout
 
     # -- routing -------------------------------------------------------------
 
@@ -220,8 +248,11 @@ class HuggingFaceBackend(Backend):
             at = start + width
             if len(raw) > at + 2 and raw[at] == b"resolve":
                 repo = Repo(kind, "/".join(_segments(b"/".join(raw[start:at]))))
-                rev = parse_revision(raw[at + 1])
-                path = "/".join(_segments(b"/".join(raw[at + 2:])))
+                # As the hub reads it: an unencoded refs/pr/1 (or refs/heads|tags|convert/x)
+                # is one revision, the rest is the path.
+                width_rev = 3 if raw[at + 1] == b"refs" and raw[at + 2] in REF_KINDS and len(raw) > at + 4 else 1
+                rev = parse_revision(b"%2F".join(raw[at + 1:at + 1 + width_rev]))
+                path = "/".join(_segments(b"/".join(raw[at + 1 + width_rev:])))
                 return repo, rev, path
         raise NotFound("not a Hugging Face resolve or API URL")
 
@@ -260,14 +291,8 @@ class HuggingFaceBackend(Backend):
         known = self._refs.get((repo.key, rev))
         if known:
             return known[0]
-        entry = self.store.lookup(self._ref_key(repo, rev))
-        if entry is None:
-            return None
-        try:
-            with open(entry.path, "rb") as f:
-                commit = json.load(f)["commit"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        record = self.load_record(self._ref_key(repo, rev))
+        commit = record.get("commit") if isinstance(record, dict) else None
         return commit if isinstance(commit, str) and COMMIT.match(commit) else None
 
     def remember_ref(self, repo: Repo, rev: str, commit: str) -> None:
@@ -284,14 +309,54 @@ class HuggingFaceBackend(Backend):
         return f"{self.name}/meta/{repo.key}/{commit}/{path}"
 
     def load_info(self, repo: Repo, commit: str, path: str) -> dict | None:
-        entry = self.store.lookup(self._meta_key(repo, commit, path))
+        """What the hub said of `path` at `commit`: its metadata, or that it does not exist."""
+        info = self.load_record(self._meta_key(repo, commit, path))
+        if info is not None:
+            return info
+        message = self._missing_paths(repo, commit).get(path)
+        if message is None:
+            return None
+        return {"missing": True, "commit": commit, "error_code": "EntryNotFound", "error_message": message}
+
+    def load_record(self, key: str):
+        """A small JSON record of ours, or None; a record in use is marked as used (eviction)."""
+        entry = self.store.lookup(key)
         if entry is None:
             return None
+        self.store.touch(entry)
         try:
             with open(entry.path, "rb") as f:
                 return json.load(f)
         except (OSError, ValueError):
             return None
+
+    def _missing_key(self, repo: Repo, commit: str) -> str:
+        return f"{self.name}/missing/{repo.key}/{commit}"
+
+    def _missing_paths(self, repo: Repo, commit: str) -> dict:
+        """
+        The paths the hub said do not exist at `commit` (transformers probes a
+        few optional files per model): one record per commit, at most
+        `MISSING_LIMIT` paths, so that asking for made-up paths neither
+        creates a file per path nor lets a made-up folder ("config.json/x")
+        stand where a real file belongs.
+        """
+        found = self._missing.get((repo.key, commit))
+        if found is None:
+            found = self.load_record(self._missing_key(repo, commit))
+            found = found if isinstance(found, dict) else {}
+            self._missing[(repo.key, commit)] = found
+        return found
+
+    def note_missing(self, repo: Repo, commit: str, path: str, message: str) -> None:
+        paths = self._missing_paths(repo, commit)
+        if paths.get(path) == message:
+            return
+        paths.pop(path, None)
+        paths[path] = message
+        while len(paths) > MISSING_LIMIT:
+            paths.pop(next(iter(paths)))
+        self.keep_small(self._missing_key(repo, commit), json.dumps(paths).encode())
 
     def save_info(self, repo: Repo, commit: str, path: str, info: dict) -> None:
         self.keep_small(self._meta_key(repo, commit, path), json.dumps(info, sort_keys=True).encode())
@@ -322,15 +387,15 @@ class HuggingFaceBackend(Backend):
                 return info, False
         known = commit or self.last_commit(repo, rev)
         fallback = self.load_info(repo, known, path) if known else None
-        if fallback is not None and self.hub_is_down():
+        if fallback is not None and self.health.is_down():
             set_outcome(request, "stale")
             return fallback, False
         ident = self.access.identity(request)[0]
         try:
             info = yield self._coalesced_head(request, repo, commit or rev, path, self._timeout(fallback))
         except VaultError as e:
-            if self.is_offline_error(e):
-                self.note_hub_down(e)
+            if is_offline_error(e):
+                self.health.failed(e, ident)
                 if fallback is not None:
                     log.info("Answering {repo}@{rev}/{path} from the cache ({why})",
                              repo=repo.name, rev=rev, path=path, why=e.message)
@@ -338,22 +403,43 @@ class HuggingFaceBackend(Backend):
                     return fallback, False
             if not isinstance(e, UpstreamStatus):
                 raise
-            self.access.note_answer(repo, "files", ident, e.code, e.headers)
-            if e.code == 404 and e.headers.get("x-error-code") == "EntryNotFound" and e.headers.get("x-repo-commit"):
-                missing = {
-                    "missing": True,
-                    "commit": e.headers["x-repo-commit"],
-                    "error_code": "EntryNotFound",
-                    "error_message": e.headers.get("x-error-message") or f"{path} does not exist",
-                }
-                if COMMIT.match(missing["commit"]):
-                    self.remember_ref(repo, rev, missing["commit"])
-                    self.save_info(repo, missing["commit"], path, missing)
+            self.access.note_answer(repo, "files", ident, e.code, e.headers, path)
+            commit = e.headers.get("x-repo-commit") or ""
+            if e.code == 404 and e.headers.get("x-error-code") == "EntryNotFound" and COMMIT.match(commit):
+                self.remember_ref(repo, rev, commit)
+                self.note_missing(repo, commit, path, e.headers.get("x-error-message") or f"{path} does not exist")
             raise
-        self.access.note_answer(repo, "files", ident, 200, {})
+        self.access.note_answer(repo, "files", ident, 200, {}, path)
         self.remember_ref(repo, rev, info["commit"])
         self.save_info(repo, info["commit"], path, info)
+        if self.access.visibility(repo, self.access.ttl) is None:
+            self.learn_visibility(repo)  # for offline answers later; nobody waits for it
         return info, True
+
+    def learn_visibility(self, repo: Repo) -> Deferred:
+        """
+        Ask the hub, as nobody, whether `repo` is public (its API info), so
+        that public files need no check per client.  Never fails: without an
+        answer the visibility stays unknown.
+        """
+        url = f"{self.config.base_url}/api/{repo.kind}/{repo.name}"
+
+        def start():
+            return self._ask_api_now("GET", url, {}, None, self.offline_timeout)
+
+        def learned(answer):
+            if answer.code >= 500 or answer.code == 429:
+                self.health.failed(UpstreamStatus(answer.code, url, answer.errors), "anonymous")
+            else:
+                self.access.anonymous_answer(repo, answer.code, answer.errors, answer.body)
+
+        def failed(failure):
+            if failure.check(VaultError) and is_offline_error(failure.value):
+                self.health.failed(failure.value, "anonymous")
+            elif not failure.check(VaultError):
+                log.failure("Asking the hub whether {repo} is public failed", failure, repo=repo.name)
+
+        return self._shared(("visibility", repo.key), start).addCallbacks(learned, failed)
 
     def _shared(self, key: tuple, start) -> Deferred:
         """
@@ -373,7 +459,7 @@ class HuggingFaceBackend(Backend):
             for waiter in self._asking.pop(key, []):
                 waiter.callback(result) if not isinstance(result, Failure) else waiter.errback(result)
 
-        start().addBoth(fan_out)
+        maybeDeferred(start).addBoth(fan_out)
         return d
 
     def _coalesced_head(self, request, repo, rev, path, timeout) -> Deferred:
@@ -383,19 +469,19 @@ class HuggingFaceBackend(Backend):
 
     def _ask_api(self, key, ident, method, url, headers, body, timeout) -> Deferred:
         """The hub's answer to an API call, read whole: a `_HubAnswer`."""
+        return self._shared(("api", key, ident, method),
+                            lambda: self._ask_api_now(method, url, headers, body, timeout))
 
-        def start():
-            d = self.request_upstream(method, url, headers, data=body, timeout=timeout)
+    def _ask_api_now(self, method, url, headers, body, timeout) -> Deferred:
+        d = self.request_upstream(method, url, headers, data=body, timeout=timeout)
 
-            def read(response):
-                return read_body(response, FORWARD_LIMIT, timeout=timeout, clock=self.vault.reactor).addCallback(
-                    lambda answer: _HubAnswer(
-                        response.code, _header(response, "content-type") or "application/json",
-                        _header(response, "link"), error_headers(response), answer))
+        def read(response):
+            return read_body(response, FORWARD_LIMIT, timeout=timeout, clock=self.vault.reactor).addCallback(
+                lambda answer: _HubAnswer(
+                    response.code, _header(response, "content-type") or "application/json",
+                    _header(response, "link"), error_headers(response), answer))
 
-            return d.addCallback(read)
-
-        return self._shared(("api", key, ident, method), start)
+        return d.addCallback(read)
 
     def resolve_url(self, repo: Repo, rev: str, path: str) -> str:
         return (f"{self.config.base_url}/{repo.url_prefix}{repo.name}/resolve/"
@@ -445,7 +531,7 @@ class HuggingFaceBackend(Backend):
     def resolve(self, request, repo: Repo, rev: str, path: str):
         info, asked = yield self.file_info(request, repo, rev, path)
         if not asked:
-            yield self.access.authorize(request, repo, "files", self.resolve_url(repo, info["commit"], path))
+            yield self.access.authorize(request, repo, "files", self.resolve_url(repo, info["commit"], path), path)
         if info.get("missing"):
             raise VaultError(
                 f"{path} does not exist in {repo.name} at {info['commit']}",
@@ -453,7 +539,9 @@ class HuggingFaceBackend(Backend):
                 {"X-Error-Code": info["error_code"], "X-Error-Message": info["error_message"],
                  "X-Repo-Commit": info["commit"]},
             )
-        headers = {"X-Repo-Commit": info["commit"]}
+        # A repo file is data, never a page of the vault's origin: a browser
+        # downloads it instead of rendering it (the CDN does the same for LFS files).
+        headers = {"X-Repo-Commit": info["commit"], "Content-Disposition": attachment(path)}
         if info.get("sha256"):
             headers["X-Linked-Etag"] = info.get("linked_etag") or f'"{info["sha256"]}"'
             if info.get("size") is not None:
@@ -529,7 +617,7 @@ class HuggingFaceBackend(Backend):
             return self.api_cached(request, repo, "refs", "", "")
         return self.forward_api(request)
 
-    def _api_url(self, request, repo: Repo, kind: str, rev: str, path: str) -> str:
+    def _api_url(self, repo: Repo, kind: str, rev: str, path: str, query: str) -> str:
         base = f"{self.config.base_url}/api/{repo.kind}/{repo.name}"
         if kind == "info":
             url = base + (f"/revision/{quote(rev, safe='')}" if rev else "")
@@ -539,14 +627,19 @@ class HuggingFaceBackend(Backend):
             url = f"{base}/paths-info/{quote(rev, safe='')}"
         else:
             url = f"{base}/{kind}"
-        query = request.uri.partition(b"?")[2]
-        return url + ("?" + query.decode("ascii", "replace") if query else "")
+        return url + ("?" + query if query else "")
 
     def forward_api(self, request):
+        """
+        Any other API call is relayed with the client's own credentials only:
+        the vault's token opens the routes of `api_cached` (what downloads
+        need), never account endpoints (whoami-v2, orgs, settings) nor the
+        minting of credentials that work without the vault (xet-read-token).
+        """
         _check_forwarded_path(request.path[len(self.config.prefix):])
         url = self.config.base_url + request.uri[len(self.config.prefix) - 1:].decode("ascii", "replace")
         return self.forward(
-            request, "GET", url, headers=self.auth_headers(request),
+            request, "GET", url, headers=self.access.own_identity(request)[1],
             rewrite=lambda body, response: self._clean_json(body),
             relayed=("content-type", "retry-after", "x-error-code", "x-error-message"),
         )
@@ -565,13 +658,22 @@ class HuggingFaceBackend(Backend):
 
     @inlineCallbacks
     def api_cached(self, request, repo: Repo, kind: str, rev: str, path: str, body: bytes | None = None):
-        query = request.uri.partition(b"?")[2]
-        digest = hashlib.sha256(b"\0".join([path.encode(), query, body or b""])).hexdigest()[:32]
-        key = f"{self.name}/api/{repo.key}/{kind}/{quote(rev, safe='') or '_default'}/{digest}"
+        """
+        An API call a fresh client makes first (repo info, tree, paths-info,
+        refs): asked with the lent identity, kept for offline use when its
+        query is one the vault knows (`kept_query`), answered from the cache
+        when it is immutable (a commit) or the hub is down.
+        """
+        query = kept_query(kind, request.uri.partition(b"?")[2], body)
+        url = self._api_url(repo, kind, rev, path, request.uri.partition(b"?")[2].decode("ascii", "replace"))
+        key = entry = None
+        if query is not None:
+            digest = hashlib.sha256(b"\0".join([path.encode(), query.encode()])).hexdigest()[:32]
+            # "@" for the repo's default revision: quote() never leaves a bare "@", so no branch can be it
+            key = f"{self.name}/api/{repo.key}/{kind}/{quote(rev, safe='') or '@'}/{digest}"
+            entry = self.store.lookup(key)
         immutable = bool(COMMIT.match(rev))
-        entry = self.store.lookup(key)
-
-        url = self._api_url(request, repo, kind, rev, path)
+        check_url = url if body is None else self._api_url(repo, "info", rev, "", "")
 
         @inlineCallbacks
         def from_cache(why, outcome="hit"):
@@ -579,35 +681,38 @@ class HuggingFaceBackend(Backend):
                 log.info("Answering {key} from the cache ({why})", why=why, key=key)
                 outcome = "stale"
             set_outcome(request, outcome)
-            yield self.access.authorize(request, repo, "api", url if body is None else
-                                        self._api_url(request, repo, "info", rev, ""))
-            if entry.meta.get("status", 200) != 200:
-                with open(entry.path, "rb") as f:
-                    return self._answer(request, entry.meta["status"], entry.meta.get("error_headers", {}),
-                                        entry.meta["content_type"], f.read())
+            yield self.access.authorize(request, repo, "api", check_url)
+            if isinstance(entry, dict):  # a remembered "no such path"
+                return self._answer(request, entry["status"], entry["headers"], entry["content_type"],
+                                    entry["body"].encode("utf-8", "surrogateescape"))
             meta = dict(entry.meta, headers=self._link(request, entry.meta.get("hub_link")))
             return (yield serve(request, StoredBody(entry), meta))
 
+        if entry is None and key is not None:
+            entry = self._api_missing(repo).get(key)
         if entry is not None and immutable:
             self.log_hit(key)
             return (yield from_cache(None))
-        if entry is not None and self.hub_is_down():
+        if entry is not None and self.health.is_down():
             return (yield from_cache("the hub is down"))
         ident, headers = self.access.identity(request)
         headers = dict(headers)
         if body is not None:
-            headers["Content-Type"] = (request.getHeader(b"content-type") or b"application/x-www-form-urlencoded").decode("latin-1")
+            headers["Content-Type"] = (request.getHeader(b"content-type")
+                                       or b"application/x-www-form-urlencoded").decode("latin-1")
         try:
-            response = yield self._ask_api(key, ident, "POST" if body is not None else "GET", url, headers, body,
-                                           self._timeout(entry))
+            response = yield self._ask_api(key or url, ident, "POST" if body is not None else "GET", url, headers,
+                                           body, self._timeout(entry))
             answer = response.body
-        except (UpstreamUnavailable, UpstreamTimeout) as e:
-            self.note_hub_down(e)
+        except VaultError as e:
+            if not is_offline_error(e):
+                raise
+            self.health.failed(e, ident)
             if entry is not None:
                 return (yield from_cache(e.message))
             raise
         if response.code >= 500 or response.code == 429:
-            self.note_hub_down(UpstreamStatus(response.code, url, response.errors))
+            self.health.failed(UpstreamStatus(response.code, url, response.errors), ident)
         else:
             self.access.note_answer(repo, "api", ident, response.code, response.errors)
         if response.code == 200:
@@ -616,8 +721,10 @@ class HuggingFaceBackend(Backend):
                     "upstream_url": url.split("?")[0]}
             if kind == "info":
                 self._learn_commit(repo, rev, answer)
-            kept = self.keep_small(key, answer, meta)
-            if kept is None:  # could not keep it: answer it anyway
+                self.access.note_info(repo, response.code, response.errors, answer)
+            kept = self.keep_small(key, answer, meta) if key is not None and worth_keeping(kind, answer) else None
+            if kept is None:  # not kept: answer it anyway
+                set_outcome(request, "forwarded" if key is None else "miss")
                 return self._answer(request, 200, self._link(request, meta["hub_link"]), meta["content_type"],
                                     answer)
             entry = kept
@@ -629,10 +736,31 @@ class HuggingFaceBackend(Backend):
         relayed = {k: v for k, v in response.errors.items()
                    if k in ("retry-after", "x-error-code", "x-error-message", "x-repo-commit")}
         content_type = response.content_type
-        if response.code == 404 and relayed.get("x-error-code") == "EntryNotFound":
+        if response.code == 404 and relayed.get("x-error-code") == "EntryNotFound" and key is not None:
             # A path that does not exist (transformers probes some): remembered like an answer.
-            self.keep_small(key, answer, {"content_type": content_type, "status": 404, "error_headers": relayed})
+            self._note_api_missing(repo, key, {"status": 404, "headers": relayed, "content_type": content_type,
+                                               "body": answer.decode("utf-8", "surrogateescape")})
         return self._answer(request, response.code, relayed, content_type, answer)
+
+    def _api_missing_key(self, repo: Repo) -> str:
+        return f"{self.name}/api-missing/{repo.key}"
+
+    def _api_missing(self, repo: Repo) -> dict:
+        """API answers "no such path" of one repo: one record, at most `MISSING_LIMIT` of them."""
+        found = self._missing.get(("api", repo.key))
+        if found is None:
+            found = self.load_record(self._api_missing_key(repo))
+            found = found if isinstance(found, dict) else {}
+            self._missing[("api", repo.key)] = found
+        return found
+
+    def _note_api_missing(self, repo: Repo, key: str, answer: dict) -> None:
+        answers = self._api_missing(repo)
+        answers.pop(key, None)
+        answers[key] = answer
+        while len(answers) > MISSING_LIMIT:
+            answers.pop(next(iter(answers)))
+        self.keep_small(self._api_missing_key(repo), json.dumps(answers).encode())
 
     @staticmethod
     def _answer(request, status: int, headers: dict, content_type: str, body: bytes):
@@ -644,5 +772,5 @@ class HuggingFaceBackend(Backend):
         except (ValueError, AttributeError):
             return
         if isinstance(commit, str):
-            self.remember_ref(repo, rev or "_default", commit)
+            self.remember_ref(repo, rev or "@", commit)
 
