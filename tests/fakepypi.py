@@ -250,7 +250,8 @@ def build_wheel(dest_dir, name, version, *, requires=(), requires_python=None, p
     and ``*.dist-info/{METADATA,WHEEL,RECORD}`` last, RECORD with the right
     hashes.  ``pad_bytes`` adds ``<module>/_padding.bin``, that many
     incompressible bytes stored as they are, streamed to disk (zip64 when
-    large), so a 2 GiB wheel needs no memory.
+    large), so a 2 GiB wheel needs no memory (about 14 s here, disk-bound;
+    pip and uv both install it).
     """
     module = _module(name)
     dist_info = "%s-%s.dist-info" % (_escaped(name), version)
@@ -774,11 +775,13 @@ class FakePyPI:
         return out
 
     def add_dist(self, project: str, path, *, version=None, requires_python=None, yanked=False,
-                 metadata: Union[bool, bytes] = False, upload_time: Optional[float] = None) -> DistFile:
+                 metadata: Union[bool, bytes] = False, upload_time: Optional[float] = None,
+                 sha256: Optional[str] = None) -> DistFile:
         """Publish a file already on disk (e.g. a big wheel built once and kept).
 
         ``metadata``: True to publish the wheel's own METADATA as the PEP 658
         companion, or the bytes to publish (a lie on purpose), or False.
+        ``sha256``: the file's hash if known (hashing 2 GiB takes seconds here).
         """
         path = os.path.abspath(os.fspath(path))
         filename = os.path.basename(path)
@@ -798,7 +801,7 @@ class FakePyPI:
             yanked = ""
         dist = DistFile(
             project=normalize(project), version=version, filename=filename, kind=kind, path=path,
-            size=os.path.getsize(path), sha256=_file_sha256(path), requires_python=requires_python,
+            size=os.path.getsize(path), sha256=sha256 or _file_sha256(path), requires_python=requires_python,
             yanked=yanked, metadata_path=meta_path, metadata_sha256=meta_sha,
             upload_time=time.time() if upload_time is None else upload_time,
         )
