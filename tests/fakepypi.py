@@ -125,6 +125,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web import http, resource, server
 from zope.interface import implementer
 
+# the fake upstream's pieces: Range parsing, connection tracking, the ready file
+from tests.upstream import _Channel, _parse_range, _write_ready
+
 __all__ = [
     "FakePyPI", "DistFile", "Project", "CATALOG", "normalize", "negotiate", "build_wheel", "build_sdist",
     "wheel_filename", "read_wheel_metadata", "JSON_V1", "HTML_V1", "TEXT_HTML",
@@ -476,27 +479,6 @@ def _accepts_gzip(value: Optional[str]) -> bool:
     return any(c in ("gzip", "*") and q > 0 for c, q in _parse_qualities(value or ""))
 
 
-def _parse_range(value: Optional[str], size: int):
-    """None (serve everything), "unsatisfiable", or (start, end) inclusive."""
-    if not value:
-        return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value, re.I)
-    if not m or (not m.group(1) and not m.group(2)):
-        return None  # several ranges or garbage: the whole file
-    first, last = m.group(1), m.group(2)
-    if not first:
-        n = int(last)
-        if n == 0 or size == 0:
-            return "unsatisfiable"
-        return max(0, size - n), size - 1
-    start = int(first)
-    if last and int(last) < start:
-        return None
-    if start >= size:
-        return "unsatisfiable"
-    return start, min(int(last), size - 1) if last else size - 1
-
-
 def _etag_matches(header_value: str, etag: str) -> bool:
     tags = [t.strip() for t in header_value.split(",")]
     return "*" in tags or any((t[2:] if t.startswith("W/") else t) == etag for t in tags)
@@ -623,20 +605,6 @@ class _FileBody:
 # twisted.web plumbing
 
 
-class _Channel(http.HTTPChannel):
-    def connectionMade(self):
-        super().connectionMade()
-        self.site.owner._channels[self] = defer.Deferred()
-
-    def connectionLost(self, reason):
-        try:
-            super().connectionLost(reason)
-        finally:
-            d = self.site.owner._channels.pop(self, None)
-            if d is not None:
-                d.callback(None)
-
-
 class _Site(server.Site):
     protocol = _Channel
 
@@ -696,7 +664,7 @@ class FakePyPI:
         self.requests: List[dict] = []
         self.faults = {t: _Fault() for t in TARGETS}
         self._hung: List = []
-        self._channels: Dict[_Channel, defer.Deferred] = {}
+        self._channels: Dict[_Channel, defer.Deferred] = {}  # open connections -> fires when closed
         self._ports: List = []
         self.index_base: Optional[str] = None  # http://127.0.0.1:N
         self.files_url: Optional[str] = None  # http://127.0.0.2:M
@@ -747,6 +715,14 @@ class FakePyPI:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
         return defer.gatherResults(waits, consumeErrors=True).addCallback(cleanup)
+
+    def _channel_made(self, channel) -> None:  # called by _Channel
+        self._channels[channel] = defer.Deferred()
+
+    def _channel_lost(self, channel) -> None:
+        d = self._channels.pop(channel, None)
+        if d is not None:
+            d.callback(None)
 
     # -- the catalog -------------------------------------------------------
 
@@ -1110,14 +1086,14 @@ class FakePyPI:
         if_range = _header(request, "if-range")
         if wanted and if_range is not None and if_range.strip() not in (etag, _http_date(dist.upload_time)):
             wanted = None  # the client's copy is another file: send this one whole
-        rng = _parse_range(wanted, size)
+        rng = _parse_range(wanted, size) if wanted else None  # None: no (usable) range
         if rng == "unsatisfiable":
             _send(request, 416, b"", None, headers + [("Content-Range", "bytes */%d" % size)])
             return
         if rng is not None:
-            start, end = rng
-            length, status = end - start + 1, 206
-            headers.append(("Content-Range", "bytes %d-%d/%d" % (start, end, size)))
+            start, length = rng
+            status = 206
+            headers.append(("Content-Range", "bytes %d-%d/%d" % (start, start + length - 1, size)))
         request.setResponseCode(status)
         request.setHeader("Content-Type", "application/octet-stream")
         for name, value in headers:
@@ -1212,10 +1188,7 @@ def main(argv=None) -> int:
         pypi.listen(reactor, index=args.index, files=args.files)
         line = json.dumps({"index": pypi.index_url, "files": pypi.files_url})
         if args.ready_file:
-            tmp = "%s.tmp.%d" % (args.ready_file, os.getpid())
-            with open(tmp, "w") as fh:
-                fh.write(line + "\n")
-            os.replace(tmp, args.ready_file)
+            _write_ready(args.ready_file, line.encode() + b"\n")
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         reactor.run()

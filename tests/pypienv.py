@@ -49,9 +49,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from http.client import HTTPConnection
 from typing import Dict, Optional, Sequence
-from urllib.parse import urlsplit
+
+from tests.hfenv import fetch, stop_process  # fetch: one raw request, no redirects followed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
@@ -213,18 +213,6 @@ def in_thread(func, *args, **kwargs):
 # tests/fakepypi.py as a subprocess
 
 
-def http_request(method: str, url: str, headers=None, body: Optional[bytes] = None, timeout: float = 10):
-    """One raw request, no redirects followed: (status, {lower-case name: value}, body)."""
-    u = urlsplit(url)
-    conn = HTTPConnection(u.hostname, u.port, timeout=timeout)
-    try:
-        conn.request(method, u.path + ("?" + u.query if u.query else ""), body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
 class FakePyPIProcess:
     """Handle on ``python -m tests.fakepypi``: urls and the /_fake/ control routes."""
 
@@ -235,12 +223,12 @@ class FakePyPIProcess:
         self.base = index[: -len("/simple/")]
 
     def _get(self, route: str):
-        status, _, body = http_request("GET", self.base + "/_fake/" + route)
+        status, _, body = fetch("GET", self.base + "/_fake/" + route)
         assert status == 200, (route, status, body)
         return json.loads(body)
 
     def _post(self, route: str, obj=None):
-        status, _, body = http_request("POST", self.base + "/_fake/" + route, {"Content-Type": "application/json"},
+        status, _, body = fetch("POST", self.base + "/_fake/" + route, {"Content-Type": "application/json"},
                                        json.dumps(obj or {}).encode())
         assert status == 200, (route, status, body)
         return json.loads(body)
@@ -300,11 +288,6 @@ def fake_pypi(folder, *options: str, timeout: float = 20):
         yield FakePyPIProcess(proc, urls["index"], urls["files"])
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()

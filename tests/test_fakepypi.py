@@ -24,7 +24,7 @@ from twisted.internet import reactor
 
 from tests.fakepypi import (HTML_V1, JSON_V1, TEXT_HTML, FakePyPI, build_wheel, negotiate, normalize,
                             read_wheel_metadata)
-from tests.pypienv import (fake_pypi, http_request, in_thread, new_env, new_uv_env, pip_download, pip_install,
+from tests.pypienv import (fake_pypi, fetch, in_thread, new_env, new_uv_env, pip_download, pip_install,
                            uv_pip_install)
 
 PIP_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
@@ -48,7 +48,7 @@ def get(url, accept=None, method="GET", **headers):
     hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
     if accept is not None:
         hdrs["Accept"] = accept
-    return http_request(method, url, hdrs)
+    return fetch(method, url, hdrs)
 
 
 def project_json(pypi, name):
@@ -321,7 +321,7 @@ def test_faults(pypi):
 
     pypi.fault("hang", "files")
     with pytest.raises(socket.timeout):
-        http_request("GET", wheel_url, timeout=0.5)
+        fetch("GET", wheel_url, timeout=0.5)
     pypi.reset()
     assert get(wheel_url)[0] == 200
     state = pypi.state()
