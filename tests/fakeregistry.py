@@ -18,7 +18,7 @@ In-process use (same reactor as the code under test)::
 Standalone::
 
     python -m tests.fakeregistry --listen 127.0.0.1:0 --cdn 127.0.0.2:0 --ready-file PATH [--auth]
-        [--token 127.0.0.1:0] [--redirect] [--token-ttl S] [--pull-limit N]
+        [--token PORT] [--redirect] [--token-ttl S] [--pull-limit N]
 
 writes ``{"url": ..., "cdn": ..., "token": ...}`` to PATH (atomically) and as one
 line on stdout once all three listen.
@@ -26,7 +26,12 @@ line on stdout once all three listen.
 Images are built here, deterministically: gzip'd tar layers, OCI / Docker
 configs and manifests, OCI indexes and Docker manifest lists, referrer
 artifacts, and big file-backed layers (``big_image``).  Digests are sha256 of
-the exact bytes, and manifests are served byte-exact.
+the exact bytes, and manifests are served byte-exact.  ``write_oci_layout`` /
+``write_dir_layout`` put images on disk for skopeo (``oci:`` / ``dir:``).
+
+All three ports answer a TLS ClientHello with an immediate 400, as Go servers
+do: skopeo with --tls-verify=false tries https first and would otherwise wait
+out its 10 s handshake timeout.  ``tls_attempts`` counts these per server.
 
 Manifest negotiation follows distribution 2.8 (what registry:2 and Docker Hub
 do): an OCI manifest or index is answered 404 MANIFEST_UNKNOWN when the Accept
@@ -81,8 +86,9 @@ Control endpoints on the registry port (never logged, never faulted):
        (raw, with query), "headers" (lower-cased), "authorization" (bool),
        "status" (None while unanswered), "time"}`` and ``"aborted": true`` when
        the connection closed before the answer ended.
-``GET  /_fake/state``   urls, options, faults, counters, every repository with
-       its tags, manifests and blobs.
+``GET  /_fake/state``   urls, options, faults, counters (token_requests,
+       manifest_gets, tokens_issued, tls_attempts, cdn_authorization_seen),
+       every repository with its tags, manifests and blobs.
 ``POST /_fake/reset[?content=1]``  clear the log, faults and counters (content=1:
        also the default images and options, and forget issued tokens).
 ``POST /_fake/fault``   JSON ``{"mode", "server", "match", "times", "status",
@@ -116,13 +122,15 @@ import tarfile
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import http, resource, server
 from zope.interface import implementer
+
+from tests.upstream import _parse_range  # (start, length), "unsatisfiable", or None: send it all
 
 __all__ = [
     "Blob", "Manifest", "FakeRegistry", "Fault",
@@ -148,7 +156,7 @@ SERVICE = "fake-registry"
 USER, PASSWORD = "alice", "wonderland"  # the default user; may pull acme/private
 EPOCH = 1704067200  # 2024-01-01T00:00:00Z, the mtime of every file in every layer
 CREATED = "2024-01-01T00:00:00Z"
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 FAULT_MODES = ("down5xx", "429", "hang", "cut", "corrupt", "throttle")
 _ANSWER_MODES = ("down5xx", "429", "hang")
 SERVERS = ("registry", "token", "cdn")
@@ -561,27 +569,6 @@ _ROUTE = re.compile(r"^/v2/(?P<name>%s)/(?:(?P<kind>manifests|blobs|referrers)/(
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _CDN_PATH = re.compile(r"^/blobs/sha256/(?P<hex>[0-9a-f]{64})/data$")
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.I)
-
-
-def _parse_range(value: Optional[str], size: int):
-    """None (no usable single range: send all), "unsatisfiable", or (start, length)."""
-    m = _RANGE.match(value or "")
-    if not m or (not m.group(1) and not m.group(2)):
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            return "unsatisfiable"
-        return max(0, size - suffix), min(suffix, size)
-    start = int(first)
-    if last and int(last) < start:
-        return None
-    if start >= size:
-        return "unsatisfiable"
-    end = min(int(last), size - 1) if last else size - 1
-    return start, end - start + 1
 
 
 def _accepted(request) -> set:
@@ -725,7 +712,8 @@ class _Channel(http.HTTPChannel):
             self._first = False
             if data[:2] == b"\x16\x03":
                 self.site.owner.tls_attempts[self.site.server_name] += 1
-                self.transport.write(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                self.transport.write(b"HTTP/1.0 400 Bad Request\r\n\r\n"
+                                     b"Client sent an HTTP request to an HTTPS server.\n")
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)
@@ -1230,16 +1218,12 @@ class FakeRegistry:
         last = params.get("last", [None])[0]
         if last:
             tags = [t for t in tags if t > last]
-        n = params.get("n", [None])[0]
-        try:
-            n = int(n) if n not in (None, "") else self.options["tags_page"]
-        except ValueError:
+        n = params.get("n", [""])[0]
+        if n and not n.isdigit():
             _registry_error(request, 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested")
             return
+        n = int(n) if n else self.options["tags_page"]
         headers = []
-        if n is not None and n < 0:
-            _registry_error(request, 400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested")
-            return
         if n is not None:
             page = tags[:n]
             if len(tags) > n and page:
@@ -1272,7 +1256,8 @@ class FakeRegistry:
             request.setHeader(name, str(value))
         if ranges:
             request.setHeader("Accept-Ranges", "bytes")
-            parsed = _parse_range(request.getHeader("range"), blob.size)
+            value = request.getHeader("range")
+            parsed = _parse_range(value, blob.size) if value else None
             if parsed == "unsatisfiable":
                 _send(request, 416, headers=[("Content-Range", "bytes */%d" % blob.size)])
                 return

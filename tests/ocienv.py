@@ -16,6 +16,7 @@ FakeRegistry), call them through ``twisted.internet.threads.deferToThread``.
 """
 
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
@@ -84,16 +85,14 @@ def skopeo(*args, home=None, timeout: float = 60, check: bool = False,
         if home is None:
             home = stack.enter_context(tempfile.TemporaryDirectory(prefix="skopeo-home-"))
         home = skopeo_home(home)
-        argv = [SKOPEO, "--registries.d", os.path.join(home, "registries.d"),
-                "--policy", os.path.join(home, ".config", "containers", "policy.json"),
-                "--tmpdir", os.path.join(home, "tmp")]
-        if debug:
-            argv.append("--debug")
-        argv += [os.fspath(a) for a in args]
-        proc = subprocess.run(argv, env=skopeo_env(home), capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        isolation = ["--registries.d", os.path.join(home, "registries.d"),
+                     "--policy", os.path.join(home, ".config", "containers", "policy.json"),
+                     "--tmpdir", os.path.join(home, "tmp")] + (["--debug"] if debug else [])
+        args = [os.fspath(a) for a in args]
+        proc = subprocess.run([SKOPEO, *isolation, *args], env=skopeo_env(home), capture_output=True, text=True,
+                              timeout=timeout, check=False)
     if check and proc.returncode != 0:
-        raise AssertionError(f"skopeo failed ({proc.returncode}): {' '.join(argv[7:])}\n{proc.stderr}")
+        raise AssertionError(f"skopeo failed ({proc.returncode}): skopeo {' '.join(args)}\n{proc.stderr}")
     return proc
 
 
@@ -126,8 +125,6 @@ def skopeo_copy(src: str, dest, *args, layout: str = "dir", arch=None, src_creds
 def skopeo_inspect(ref: str, *args, raw: bool = False, config: bool = False, creds=None, home=None,
                    timeout: float = 60, check: bool = True):
     """``skopeo inspect``: bytes with raw=True (the exact manifest or config), else the parsed JSON."""
-    import json
-
     argv = ["inspect", *(["--tls-verify=false"] if ref.startswith("docker://") else []),
             *_creds("--creds", creds), *(["--raw"] if raw else []), *(["--config"] if config else []), *args, ref]
     proc = skopeo(*argv, home=home, timeout=timeout, check=check)

@@ -5,6 +5,7 @@ checks run in threads (deferToThread) so the reactor keeps serving.  One test
 runs the standalone process, one Debian's docker-registry.
 """
 
+import base64
 import gzip
 import hashlib
 import json
@@ -358,7 +359,6 @@ async def test_token_scope_expiry_and_counting(rig):
     status, _, _ = await in_thread(fetch, "GET", reg.url + "/v2/acme/private/manifests/1.0",
                                    {"Authorization": "Bearer " + tok_anon["token"], "Accept": ALL_TYPES})
     assert status == 401
-    import base64
     status, _ = await token("acme/private", "Basic " + base64.b64encode(b"alice:nope").decode())
     assert status == 401
     assert reg.token_requests == 3
