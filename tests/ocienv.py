@@ -55,8 +55,9 @@ def skopeo_home(folder) -> str:
         os.makedirs(os.path.join(home, sub), exist_ok=True)
     with open(os.path.join(conf, "registries.conf"), "w") as fh:
         fh.write(REGISTRIES_CONF)
-        for prefix in _BLOCKED:
-            fh.write(f'\n[[registry]]\nprefix = "{prefix}"\nlocation = "{prefix.lstrip("*.")}"\nblocked = true\n')
+        for prefix in _BLOCKED:  # a wildcard prefix may not have a location, a plain one must
+            location = "" if prefix.startswith("*.") else f'location = "{prefix}"\n'
+            fh.write(f'\n[[registry]]\nprefix = "{prefix}"\n{location}blocked = true\n')
     with open(os.path.join(conf, "policy.json"), "w") as fh:
         fh.write(POLICY)
     with open(os.path.join(home, "auth.json"), "w") as fh:

@@ -235,10 +235,11 @@ async def test_corrupt_and_cut_blobs_make_skopeo_fail(rig, tmp_path, home):
 
 def test_skopeo_cannot_reach_public_registries(home):
     started = time.time()
-    proc = skopeo("inspect", "docker://docker.io/library/alpine:latest", home=home, timeout=30)
-    assert proc.returncode != 0 and "blocked" in proc.stderr
-    proc = skopeo("inspect", "docker://registry.example:5000/x:1", home=home, timeout=30)
-    assert proc.returncode != 0
+    for ref in ("docker.io/library/alpine:latest", "quay.io/a/b:1", "mirror.example.com/x:1"):
+        proc = skopeo("inspect", "docker://" + ref, home=home, timeout=30)
+        assert proc.returncode != 0 and "is blocked in" in proc.stderr, proc.stderr
+    proc = skopeo("inspect", "docker://registry.internal:5000/x:1", home=home, timeout=30)
+    assert proc.returncode != 0 and "proxyconnect tcp: dial tcp 127.0.0.1:9" in proc.stderr, proc.stderr
     assert time.time() - started < 10
 
 
