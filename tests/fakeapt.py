@@ -51,7 +51,11 @@ order of a real mirror sync (ftpsync stage 1 then stage 2): ``pool`` (new
 (Packages*, Translation-*), ``release`` (Release, Release.gpg), ``inrelease``.
 order="swapped" is the reverse.  ``stop_after=STEP`` leaves the remaining
 steps pending until ``finish()``: a client that updates in between meets the
-classic "Hash Sum mismatch" window (InRelease and Packages out of step).
+classic "Hash Sum mismatch" window (InRelease and Packages out of step; apt
+2.6 says "Hash Sum mismatch" when the sizes agree and "File has unexpected
+size (N != M). Mirror sync in progress?" when they do not).  With by-hash, the
+mirror order is safe; swapped, apt gets a 404 on the new by-hash name, falls
+back to the plain name and fails the same way.
 Every publication gets a Last-Modified one second or more after the previous
 one, so If-Modified-Since never hides a change.
 
@@ -59,7 +63,9 @@ The mirror: GET and HEAD, Last-Modified (file mtime) and ETag, 304 on
 If-None-Match / If-Modified-Since, one byte range (206, 416) with If-Range
 (ETag or date), keep-alive and pipelining (twisted.web answers in order), and
 absolute-form request targets (``GET http://any.host/debian/...``: it answers
-them from the same tree, so apt's proxy setting can point at it).
+them from the same tree whatever the host, so apt's proxy setting can point at
+it; one naming the 127.0.0.2 listener's host:port is treated as a request to
+that listener, so a redirect followed through the proxy does not loop).
 
 Control routes (primary listener only; never logged, never affected by the
 fault modes):
@@ -814,9 +820,10 @@ class AptMirror:
     def _handle(self, name, request):
         target = request.uri.decode("latin-1")
         absolute = target.lower().startswith(("http://", "https://"))
+        netloc = None
         if absolute:
             parts = urlsplit(target)
-            path = parts.path or "/"
+            path, netloc = parts.path or "/", parts.netloc
         else:
             path = target.split("?", 1)[0]
         if name == "primary" and path.startswith("/_fake/"):
@@ -826,7 +833,10 @@ class AptMirror:
                 request.setResponseCode(500)
                 return _json(request, {"error": repr(exc)})
         entry = self._log(name, request, target, path, absolute)
-        opts = self._fault(name, path)
+        # a proxied request for the second listener (apt following the
+        # redirect fault through its proxy) is served, not redirected again
+        for_second = netloc is not None and netloc == self.origin2[len("http://"):]
+        opts = self._fault("secondary" if for_second else name, path)
         mode = opts["mode"] if opts else "normal"
         if mode == "hang":
             self._hung[name].append(request)
@@ -919,7 +929,9 @@ class AptMirror:
         body_opts = {"throttle_bps": opts.get("throttle_bps"), "corrupt": mode == "corrupt"}
         if mode == "cut":
             cut = opts.get("cut_after_bytes")
-            body_opts["cut"] = length // 2 if cut is None else min(int(cut), length)
+            cut = length // 2 if cut is None else int(cut)
+            if cut < length:
+                body_opts["cut"] = cut
         _Body(self, request, entry, full, start, length, size, body_opts).start()
         return server.NOT_DONE_YET
 

@@ -333,16 +333,24 @@ def test_cut_deb_is_resumed_with_range_and_if_range(tmp_path, faulty):
     assert client.debs() == ["vault-extra_1.0_all.deb"]
 
 
-def test_redirect_to_the_second_listener(tmp_path, faulty):
+@pytest.mark.parametrize("proxy", [False, True], ids=["rewrite", "proxy"])
+def test_redirect_to_the_second_listener(tmp_path, faulty, proxy):
     client = AptClient(tmp_path / "apt", faulty.keyring)
-    assert errors(client.update(faulty.sources_line())[1]) == []
+    line = "deb http://%s/debian bookworm main" % ORIGIN_HOST if proxy else faulty.sources_line()
+    assert errors(client.update(line, proxy=faulty.origin if proxy else None)[1]) == []
     faulty.mode(mode="redirect")
     faulty.reset()
     rc, out = client.install_download_only(["vault-hello"])
     assert rc == 0 and errors(out) == [], out
     log = faulty.requests()
-    assert {(r["server"], r["status"]) for r in log} == {("primary", 302), ("secondary", 200)}
-    assert all(r["headers"]["host"].startswith("127.0.0.2:") for r in log if r["server"] == "secondary")
+    second = faulty.url2.split("/")[2]  # 127.0.0.2:PORT
+    if proxy:  # apt follows the redirect through its proxy: absolute-form for the second host
+        assert {(r["server"], r["status"], r["headers"]["host"]) for r in log} == {
+            ("primary", 302, ORIGIN_HOST), ("primary", 200, second)}
+        assert all(r["absolute"] for r in log)
+    else:
+        assert {(r["server"], r["status"], r["headers"]["host"].split(":")[0]) for r in log} == {
+            ("primary", 302, "127.0.0.1"), ("secondary", 200, "127.0.0.2")}
     assert client.debs() == ["vault-hello_1.0_all.deb", "vault-lib_1.0_all.deb"]
 
 
@@ -408,7 +416,7 @@ def test_apt_pipelines_after_the_first_answer(tmp_path, faulty, proxy):
 # the server without apt
 
 
-def _raw(origin, data, read_for=0.5):
+def _raw(origin, data, read_for=0.3):
     host, port = origin[len("http://"):].split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(data)
