@@ -6,7 +6,6 @@ rewrite mode (sources.list names the mirror) and in proxy mode
 
 import gzip
 import hashlib
-import json
 import lzma
 import os
 import socket
