@@ -28,6 +28,8 @@ setup(
             "hf_xet>=1.8,<2",
             "transformers>=5.24,<6",
             "datasets>=5.2,<6",
+            # The PyPI tests drive pip (already present) and uv (its Range reads, its Accept header).
+            "uv>=0.13.9,<0.14",
         ],
     },
 )
