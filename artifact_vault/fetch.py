@@ -47,7 +47,6 @@ from .errors import (
     VaultError,
     safe_url,
 )
-from .inflight import Transfer
 from .logs import VaultLogger
 
 log = VaultLogger()
@@ -235,106 +234,69 @@ class Upstream:
         )
         return d.addErrback(upstream_failure, url)
 
-    def transfer(
-        self,
-        key: str,
-        url: str,
-        store,
-        *,
-        headers: dict | None = None,
-        timeout: float = 60,
-        max_redirects: int = 5,
-        sensitive_headers=(),
-        describe=None,
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-        label: str | None = None,
-        slots=None,
-    ) -> Transfer:
+    def fetch(self, spec, open_writer) -> Deferred:
         """
-        Start the upstream GET for a cache miss.  `describe(response)` turns
-        the upstream response into the metadata kept with the entry (content
-        type, etag, ...); the default keeps the usual entity headers.  With
-        `slots` (a DeferredSemaphore), the GET waits for a free slot: that
-        bounds how many downloads a backend runs at once.
+        GET ``spec.url`` into the cache.  When upstream answers 200,
+        ``open_writer(total, meta)`` gives the writer the body goes into
+        (``meta``: the entity headers worth keeping); the body is checked
+        against the announced and expected size and sha256.  Fires with the
+        writer once the body is complete and verified (nothing committed
+        yet), or fails with the `VaultError` a client should see.
+        Cancelling stops the transfer.
         """
-        transfer = Transfer(key, url, label, clock=self.reactor)
-        if slots is None:
-            self._start_transfer(transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
-                                 describe, expected_size, expected_sha256)
-            return transfer
+        body = []
 
-        def begin(_):
-            if transfer.finished:  # stopped while it waited
-                slots.release()
-                return
-            transfer.on_finished(lambda t: slots.release())
-            self._start_transfer(transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
-                                 describe, expected_size, expected_sha256)
+        def stop(_):
+            if body:
+                body[0].stop(UpstreamUnavailable(f"the download of {spec.name} was stopped"))
+            else:
+                requesting.cancel()
 
-        waiting = slots.acquire()
-        transfer.cancel_upstream = waiting.cancel
-        waiting.addCallbacks(begin, lambda failure: failure.trap(CancelledError))
-        return transfer
-
-    def _start_transfer(self, transfer, key, url, store, headers, timeout, max_redirects, sensitive_headers,
-                        describe, expected_size, expected_sha256) -> None:
-        d = self.request(
-            "GET",
-            url,
-            headers,
-            timeout=timeout,
-            max_redirects=max_redirects,
-            sensitive_headers=sensitive_headers,
-        )
+        result = Deferred(stop)
+        requesting = self.request("GET", spec.url, spec.headers, timeout=spec.timeout,
+                                  max_redirects=spec.max_redirects, sensitive_headers=spec.sensitive_headers)
 
         def got_response(response):
-            if transfer.finished:  # cancelled while waiting
+            if result.called:  # stopped while waiting for the answer
                 response.deliverBody(Discard())
-                return
+                return None
             if response.code != 200:
-                return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=timeout,
-                                 clock=self.reactor).addCallback(
-                    lambda body: transfer.failed(
-                        Failure(UpstreamStatus(response.code, url, error_headers(response), body))
-                    )
-                )
+                return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=spec.timeout,
+                                 clock=self.reactor).addCallback(self._refused, response, spec.url)
             declared = _content_length(response)
-            if declared is not None and expected_size is not None and declared != expected_size:
+            if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())
-                transfer.failed(
-                    Failure(
-                        IntegrityError(
-                            f"upstream {safe_url(url)} announced {declared} bytes, expected {expected_size}"
-                        )
-                    )
-                )
-                return
-            meta = (describe or describe_response)(response)
-            meta["upstream_url"] = safe_url(url)
-            total = declared if declared is not None else expected_size
+                raise IntegrityError(f"upstream {safe_url(spec.url)} announced {declared} bytes,"
+                                     f" expected {spec.expected_size}")
+            meta = describe_response(response)
+            meta["upstream_url"] = safe_url(spec.url)
+            total = declared if declared is not None else spec.expected_size
             try:
-                if total is not None and total > store.free_space(key):
-                    raise OSError(errno.ENOSPC, "not enough free space for the announced size")
-                writer = store.writer(key, expected=total)
-            except OSError as e:
+                writer = open_writer(total, meta)
+            except BaseException:
                 response.deliverBody(Discard())
-                transfer.failed(Failure(storage_error(e, key)))
-                return
-            log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
-                     label=transfer.label)
-            transfer.start_streaming(writer, total, meta)
-            response.deliverBody(
-                _BodyIntoCache(transfer, store, self.reactor, timeout, expected_size, expected_sha256,
-                               self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics else None)
-            )
+                raise
+            into = _BodyIntoWriter(spec, writer, total, self.reactor, self._fetched_counter(spec.key))
+            body.append(into)
+            response.deliverBody(into)
+            return into.done
 
-        def failed(failure):
-            if not transfer.finished:
-                transfer.failed(upstream_failure(failure, url))
+        def deliver(outcome):
+            if not result.called:
+                if isinstance(outcome, Failure):
+                    result.errback(upstream_failure(outcome, spec.url))
+                else:
+                    result.callback(outcome)
 
-        d.addCallback(got_response).addErrback(failed)
-        transfer.cancel_upstream = d.cancel
+        requesting.addCallback(got_response).addBoth(deliver)
+        return result
+
+    @staticmethod
+    def _refused(error_body, response, url):
+        raise UpstreamStatus(response.code, url, error_headers(response), error_body)
+
+    def _fetched_counter(self, key: str):
+        return self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics is not None else None
 
 
 def describe_response(response) -> dict:
@@ -434,31 +396,30 @@ def storage_error(e: OSError, key: str) -> VaultError:
     return VaultError(f"cannot write {key} to the cache: {e.strerror}", 503)
 
 
-class _BodyIntoCache(Protocol):
+class _BodyIntoWriter(Protocol):
     """
-    Receives an upstream body: each chunk goes to the writer (disk and hash),
-    then watchers are told.  A silent gap longer than `timeout` aborts the
-    transfer; the end is checked against the announced size and hash before
-    the entry is committed.
+    Receives an upstream body: each chunk goes to the writer (disk; the hash
+    follows in its thread).  When the hash falls behind, the upstream
+    transport is paused until it catches up.  A silent gap longer than the
+    timeout stops the transfer; the end is checked against the announced
+    size and the expected sha256.  `done` fires with the writer, or fails.
     """
 
-    def __init__(self, transfer: Transfer, store, reactor, timeout, expected_size, expected_sha256,
-                 fetched_counter=None):
-        self.fetched_counter = fetched_counter
-        self.transfer = transfer
-        self.store = store
+    def __init__(self, spec, writer, total, reactor, fetched_counter=None):
+        self.spec = spec
+        self.writer = writer
+        self.total = total
         self.reactor = reactor
-        self.timeout = timeout
-        self.expected_size = expected_size
-        self.expected_sha256 = expected_sha256
+        self.fetched_counter = fetched_counter
+        self.done = Deferred()
         self.idle = None
         self.error: VaultError | None = None
+        self.paused = False
         self.started = self.last_log = time.monotonic()
         self.last_logged_bytes = 0
 
     def connectionMade(self):
-        self.idle = self.reactor.callLater(self.timeout, self._stalled)
-        self.transfer.cancel_upstream = self._abort
+        self.idle = self.reactor.callLater(self.spec.timeout, self._stalled)
         # Read big bodies in large pieces: fewer trips through Python per byte.
         # (The proxy's _producer is the TCP transport; only its read size changes.)
         socket_transport = getattr(self.transport, "_producer", None)
@@ -468,81 +429,83 @@ class _BodyIntoCache(Protocol):
     def dataReceived(self, data):
         if self.error is not None:
             return
-        self.idle.reset(self.timeout)
+        if self.idle.active():
+            self.idle.reset(self.spec.timeout)
         if self.fetched_counter is not None:
             self.fetched_counter.inc(len(data))
-        writer = self.transfer.writer
         try:
-            writer.write(data)
+            behind = self.writer.write(data)
         except OSError as e:
-            self._abort(storage_error(e, self.transfer.key))
+            self.stop(storage_error(e, self.spec.key))
             return
-        limit = self.transfer.total
-        if limit is not None and writer.size > limit:
-            self._abort(IntegrityError(f"upstream sent more than the {limit} bytes announced for {self.transfer.key}"))
+        if self.total is not None and self.writer.size > self.total:
+            self.stop(IntegrityError(f"upstream sent more than the {self.total} bytes announced for {self.spec.key}"))
             return
-        self.transfer.data_written()
+        if behind and not self.paused:
+            # The hash thread is behind: wait for it instead of piling the file up in memory.
+            self.paused = True
+            self.transport.pauseProducing()
+            self.writer.drained().addCallbacks(self._resume, lambda f: self.stop(storage_error(f.value, self.spec.key))
+                                               if f.check(OSError) else f)
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_EVERY:
             self._log_progress(now)
 
+    def _resume(self, _):
+        if self.paused and self.error is None:
+            self.paused = False
+            self.transport.resumeProducing()
+
     def _log_progress(self, now):
-        size, total = self.transfer.writer.size, self.transfer.total
+        size, total = self.writer.size, self.total
         rate = (size - self.last_logged_bytes) / (now - self.last_log) / 1e6
         pct = f" ({100 * size / total:.0f}%)" if total else ""
         log.info(
             "Downloading {label}: {size} bytes{pct} at {rate:.1f} MB/s",
-            label=self.transfer.label, size=size, pct=pct, rate=rate,
+            label=self.spec.name, size=size, pct=pct, rate=rate,
         )
         self.last_log, self.last_logged_bytes = now, size
 
     def _stalled(self):
-        self._abort(UpstreamTimeout(f"upstream {safe_url(self.transfer.url)} sent nothing for {self.timeout:g} s"))
+        self.stop(UpstreamTimeout(f"upstream {safe_url(self.spec.url)} sent nothing for {self.spec.timeout:g} s"))
 
-    def _abort(self, error: VaultError | None = None):
+    def stop(self, error: VaultError):
+        """Give up on this body: the error is what the download fails with."""
         if self.error is None:
-            self.error = error or UpstreamUnavailable(f"transfer of {self.transfer.key} was stopped")
+            self.error = error
         if self.transport is not None:
+            if self.paused:
+                self.transport.resumeProducing()  # a paused transport would never report its end
             self.transport.stopProducing()
 
     def connectionLost(self, reason):
         if self.idle is not None and self.idle.active():
             self.idle.cancel()
-        transfer, writer = self.transfer, self.transfer.writer
         try:
-            if self.error is not None:
-                raise self.error
-            if not reason.check(ResponseDone, PotentialDataLoss):
-                raise UpstreamUnavailable(
-                    f"upstream {safe_url(transfer.url)} broke off after {writer.size} bytes"
-                    f" ({reason.getErrorMessage()[:120]})"
-                )
-            if reason.check(PotentialDataLoss) and transfer.total is None:
-                # No length and no chunked framing: the end of the connection is the only
-                # end, and a reset looks the same. Nothing proves the body complete.
-                raise UpstreamUnavailable(
-                    f"upstream {safe_url(transfer.url)} sent a body without length or chunked framing;"
-                    " its completeness cannot be checked, so it is not kept")
-            if transfer.total is not None and writer.size != transfer.total:
-                raise IntegrityError(
-                    f"upstream {safe_url(transfer.url)} sent {writer.size} bytes, {transfer.total} were announced"
-                )
-            if self.expected_sha256 is not None and writer.sha256 != self.expected_sha256:
-                raise IntegrityError(
-                    f"sha256 of {transfer.key} is {writer.sha256}, upstream announced {self.expected_sha256}"
-                )
-            try:
-                entry = writer.commit(dict(transfer.meta))
-            except OSError as e:
-                raise storage_error(e, transfer.key) from None
+            self._check_end(reason)
         except VaultError as e:
-            writer.abort()
-            log.warn("Download of {label} failed: {why}", label=transfer.label, why=e.message)
-            transfer.failed(Failure(e))
+            self.done.errback(Failure(e))
             return
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        log.info(
-            "Cached {size} bytes for {label} in {secs:.1f} s ({rate:.1f} MB/s)",
-            size=entry.size, label=transfer.label, secs=elapsed, rate=entry.size / elapsed / 1e6,
-        )
-        transfer.committed(entry)
+        self.writer.digest().addCallback(self._verify).chainDeferred(self.done)
+
+    def _check_end(self, reason):
+        url, size = safe_url(self.spec.url), self.writer.size
+        if self.error is not None:
+            raise self.error
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            raise UpstreamUnavailable(f"upstream {url} broke off after {size} bytes"
+                                      f" ({reason.getErrorMessage()[:120]})")
+        if reason.check(PotentialDataLoss) and self.total is None:
+            # No length and no chunked framing: the end of the connection is the only
+            # end, and a reset looks the same. Nothing proves the body complete.
+            raise UpstreamUnavailable(
+                f"upstream {url} sent a body without length or chunked framing;"
+                " its completeness cannot be checked, so it is not kept")
+        if self.total is not None and size != self.total:
+            raise IntegrityError(f"upstream {url} sent {size} bytes, {self.total} were announced")
+
+    def _verify(self, sha256):
+        expected = self.spec.expected_sha256
+        if expected is not None and sha256 != expected:
+            raise IntegrityError(f"sha256 of {self.spec.key} is {sha256}, upstream announced {expected}")
+        return self.writer

@@ -1,5 +1,5 @@
 """
-Is an upstream answering at all?
+Freshness: small upstream answers that change, and whether upstream answers at all.
 
 `UpstreamHealth` is the state a backend consults before it waits for its
 upstream: while the upstream counts as down, answers that the cache can give
@@ -11,6 +11,10 @@ several client identities within a short window.
 """
 
 import time
+from dataclasses import dataclass, replace
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.python.failure import Failure
 
 from .bounded import LRU
 from .errors import UpstreamStatus, UpstreamTimeout, UpstreamUnavailable, VaultError
@@ -61,3 +65,191 @@ class UpstreamHealth:
             log.warn("{name}: upstream looks down ({why}); answering from the cache for {pause} s where it can",
                      name=self.name, why=error.message, pause=pause)
         self._down_until = now + pause
+
+
+class Coalescer:
+    """
+    One upstream request for identical requests that arrive together: the
+    first caller's ``start()`` runs, the others wait for its result (each
+    gets a Deferred of its own, which it may cancel without disturbing the
+    rest).  Keys should include the identity a request is made with, so
+    that answers are shared only between clients upstream treats alike.
+    """
+
+    def __init__(self):
+        self._waiting: dict = {}
+
+    def share(self, key, start) -> Deferred:
+        d = Deferred(lambda d: self._drop(key, d))
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._waiting[key] = [d]
+
+        def fan_out(result):
+            for waiter in self._waiting.pop(key, []):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+
+        # maybeDeferred: a start() that raises at once fails its waiters instead of hanging the key
+        maybeDeferred(start).addBoth(fan_out)
+        return d
+
+    def _drop(self, key, d) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is not None and d in waiting:
+            waiting.remove(d)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+
+@dataclass
+class Answer:
+    """
+    A small upstream answer: status, the headers worth keeping (lower-case
+    names), the body, and when upstream last vouched for it (fetched or
+    revalidated).  ``source`` says where this copy came from: "upstream",
+    "revalidated" (a 304 renewed a kept copy), "kept" (within its TTL, no
+    upstream asked) or "stale" (upstream failed; served anyway).
+    """
+
+    status: int
+    headers: dict
+    body: bytes
+    checked_at: float = 0.0
+    source: str = "upstream"
+
+    @property
+    def validators(self) -> dict:
+        """Conditional request headers that revalidate this answer."""
+        out = {}
+        if self.headers.get("etag"):
+            out["If-None-Match"] = self.headers["etag"]
+        if self.headers.get("last-modified"):
+            out["If-Modified-Since"] = self.headers["last-modified"]
+        return out
+
+    def age(self, now: float) -> float:
+        return now - self.checked_at
+
+
+#: what an ask() returns when upstream says a kept answer is still good
+NOT_MODIFIED = object()
+
+
+class KeptAnswers:
+    """
+    Small mutable upstream answers (an index page, a tag, a branch's commit,
+    an API answer), kept with their validators: reused for a TTL, then
+    revalidated (``ask(kept)`` may send a conditional request and return
+    `NOT_MODIFIED`), served stale, with a log line, when upstream fails (up
+    to ``max_stale`` seconds), identical concurrent requests sharing one
+    upstream call.  Kept on disk as store entries (so they survive a
+    restart) and in a bounded memory map.
+    """
+
+    MEMORY = 20_000
+
+    def __init__(self, store, clock=time.time):
+        self.store = store
+        self.clock = clock
+        self._memory = LRU(self.MEMORY)
+        self._asking = Coalescer()
+
+    def peek(self, key: str) -> Answer | None:
+        """The kept answer for `key`, however old, or None."""
+        answer = self._memory.get(key)
+        if answer is not None:
+            return answer
+        entry = self.store.lookup(key)
+        if entry is None:
+            return None
+        kept = entry.meta.get("answer")
+        if not isinstance(kept, dict):
+            return None
+        try:
+            with open(entry.path, "rb") as f:
+                body = f.read()
+        except OSError:
+            return None
+        answer = Answer(int(kept.get("status", 200)), dict(kept.get("headers") or {}), body,
+                        float(kept.get("checked_at") or entry.meta.get("fetched_at") or 0))
+        self._memory[key] = answer
+        return answer
+
+    def keep(self, key: str, answer: Answer) -> Deferred:
+        """Keep `answer` for `key`: in memory at once, on disk in a thread (a failure there is logged)."""
+        answer = replace(answer, source="kept")
+        self._memory[key] = answer
+        meta = {"content_type": answer.headers.get("content-type") or "application/octet-stream",
+                "answer": {"status": answer.status, "headers": answer.headers, "checked_at": answer.checked_at}}
+        return self.store.write_later(key, answer.body, meta).addErrback(self._not_kept, key)
+
+    @staticmethod
+    def _not_kept(failure, key):
+        if failure.check(OSError):
+            log.warn("Could not keep {key} in the cache: {why}", key=key, why=failure.value.strerror)
+        else:
+            log.failure("Could not keep {key} in the cache", failure, key=key)
+
+    def renew(self, key: str, checked_at: float) -> None:
+        """Upstream vouched again for the kept answer (in memory only: disk keeps the first time)."""
+        kept = self.peek(key)
+        if kept is not None:
+            self._memory[key] = replace(kept, checked_at=checked_at)
+
+    def forget(self, key: str) -> None:
+        self._memory.pop(key, None)
+        self.store.remove(key)
+
+    @inlineCallbacks
+    def get(self, key: str, ask, *, ttl: float, health: UpstreamHealth, identity: str = "anonymous",
+            max_stale: float | None = None, keep=lambda answer: answer.status == 200, name: str | None = None):
+        """
+        The answer for `key`: kept and fresh (younger than `ttl`), or asked
+        of upstream through ``ask(kept) -> Deferred[Answer | NOT_MODIFIED]``
+        (`identity` is who it asks as, for `health` and for sharing), or kept
+        and stale when upstream fails.  A new answer is kept when ``keep``
+        says so.  Fails like upstream when there is no kept answer to fall
+        back on.
+        """
+        name = name or key
+        now = self.clock()
+        kept = self.peek(key)
+        usable = kept is not None and (max_stale is None or kept.age(now) < max_stale)
+        if kept is not None and kept.age(now) < ttl:
+            return replace(kept, source="kept")
+        if usable and health.is_down():
+            log.info("Answering {name} from the cache (upstream is down)", name=name)
+            return replace(kept, source="stale")
+        try:
+            fresh = yield self._asking.share((key, identity), lambda: ask(kept if usable else None))
+        except VaultError as e:
+            if not is_offline_error(e):
+                raise
+            health.failed(e, identity)
+            if usable:
+                log.info("Answering {name} from the cache ({why})", name=name, why=e.message)
+                return replace(kept, source="stale")
+            raise
+        if fresh is NOT_MODIFIED:
+            if kept is None:
+                raise UpstreamUnavailable(f"upstream said {name} was not modified, but nothing is kept")
+            renewed = replace(kept, checked_at=self.clock(), source="revalidated")
+            self._memory[key] = replace(renewed, source="kept")
+            return renewed
+        if fresh.status >= 500 or fresh.status == 429:
+            health.failed(UpstreamStatus(fresh.status, name, fresh.headers), identity)
+            if usable:
+                log.info("Answering {name} from the cache (upstream answered {status})", name=name,
+                         status=fresh.status)
+                return replace(kept, source="stale")
+            return fresh
+        if keep(fresh):
+            fresh = replace(fresh, checked_at=self.clock())
+            self.keep(key, fresh)
+        return fresh

@@ -2,17 +2,16 @@
 Keeping the cache within ``max_cache_size`` and knowing how big it is.
 
 Every `SCAN_INTERVAL` seconds, and soon after a download that may have
-pushed the cache over a cap, the janitor walks the cache in a thread and
-lists the entries: size, and last use (the mtime of the sidecar, which
-`CacheStore.touch` sets on every hit; atime is not relied on).  Back in the
-reactor it updates the usage gauges and, where a cap is exceeded, removes the
-least recently used entries that the backend says may go (for the Hugging
-Face backend: file contents and blobs; the small metadata that offline use
-needs stays), never one that a client is reading right now, until the cap
-holds again: first each backend's own cap, then the global one.
+pushed the cache over a cap, the janitor walks the cache in a thread
+(`CacheStore.walk`) and lists the entries: size, and last use (the mtime of
+the sidecar, which `CacheStore.touch` sets on every hit and every read of a
+record; atime is not relied on).  Back in the reactor it updates the usage
+gauges and, where a cap is exceeded, removes the least recently used entries
+(file contents and the small records beside them alike), never one that a
+client is reading right now, until the cap holds again: first each
+backend's own cap, then the global one.
 """
 
-import os
 from dataclasses import dataclass
 
 from twisted.application import service
@@ -20,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
 from .logs import VaultLogger
-from .store import META_SUFFIX, TEMP_SUFFIX, open_readers
+from .store import open_readers
 
 log = VaultLogger()
 
@@ -37,13 +36,16 @@ class _Entry:
 
 
 class Janitor(service.Service):
-    def __init__(self, vault, config, backends, reactor):
-        self.vault = vault
-        self.store = vault.store
+    def __init__(self, machinery, config, reactor):
+        self.store = machinery.store
+        self.metrics = machinery.metrics
         self.cap = config.max_cache_size
-        self.backends = {b.name: b for b in backends}
+        self.backends = {b.name: b for b in machinery.backends}
         self.reactor = reactor
         self.total = 0
+        #: cache use as the last scan measured it (the status page shows it)
+        self.usage: dict = {}
+        machinery.downloads.observe(lambda d: d.entry is not None and self.note_added(d.entry.size))
         self._soon = None
         self._scanning = None
         self._loop = LoopingCall(self.scan)
@@ -82,24 +84,7 @@ class Janitor(service.Service):
         return d.addBoth(done)
 
     def _collect(self) -> list[_Entry]:
-        entries = []
-        root = self.store.root
-        for folder, dirs, files in os.walk(root):
-            if folder == root and ".locks" in dirs:
-                dirs.remove(".locks")
-            names = set(files)
-            for name in files:
-                if name.endswith((META_SUFFIX, TEMP_SUFFIX)) or name + META_SUFFIX not in names:
-                    continue
-                path = os.path.join(folder, name)
-                try:
-                    size = os.stat(path).st_size
-                    used = os.stat(path + META_SUFFIX).st_mtime
-                except OSError:
-                    continue
-                key = os.path.relpath(path, root)
-                entries.append(_Entry(key, key.split(os.sep, 1)[0], size, used))
-        return entries
+        return [_Entry(e["key"], e["backend"], e["size"], e["last_used"]) for e in self.store.walk()]
 
     def _apply(self, entries: list[_Entry]) -> None:
         usage: dict[str, dict] = {}
@@ -118,12 +103,12 @@ class Janitor(service.Service):
     def _publish(self, usage: dict) -> None:
         """Usage after this scan's evictions: gauges and the status page."""
         self.total = sum(u["bytes"] for u in usage.values())
-        metrics = self.vault.metrics
+        metrics = self.metrics
         if metrics is not None:
             for name, u in usage.items():
                 metrics.cache_bytes.labels(name).set(u["bytes"])
                 metrics.cache_files.labels(name).set(u["files"])
-        self.vault.usage = {"bytes": self.total, "files": sum(u["files"] for u in usage.values()),
+        self.usage = {"bytes": self.total, "files": sum(u["files"] for u in usage.values()),
                             "max_bytes": self.cap, "backends": usage}
 
     def _evict(self, entries: list[_Entry], cap: int, usage: dict) -> None:
@@ -134,8 +119,7 @@ class Janitor(service.Service):
         for e in sorted(entries, key=lambda e: e.used):
             if held <= cap:
                 break
-            backend = self.backends.get(e.backend)
-            if e.size == 0 or (backend is not None and not backend.evictable(e.key)):
+            if e.size == 0:
                 continue
             path = self.store.path_for(e.key)
             if reading.get(path):
@@ -145,7 +129,7 @@ class Janitor(service.Service):
             held -= size
             usage[e.backend]["bytes"] -= size
             usage[e.backend]["files"] -= 1
-            if self.vault.metrics is not None:
-                self.vault.metrics.evictions.labels(e.backend).inc()
-                self.vault.metrics.evicted_bytes.labels(e.backend).inc(size)
+            if self.metrics is not None:
+                self.metrics.evictions.labels(e.backend).inc()
+                self.metrics.evicted_bytes.labels(e.backend).inc(size)
             log.info("Evicted {key} (least recently used) to keep the cache under {cap} bytes", key=e.key, cap=cap)

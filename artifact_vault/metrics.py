@@ -14,7 +14,7 @@ OUTCOMES = ("hit", "miss", "joined", "stale", "forwarded", "error")
 
 
 class VaultMetrics:
-    def __init__(self, inflight):
+    def __init__(self):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("artifact_vault_requests", "Requests by backend and cache outcome",
                                 ["backend", "outcome"], registry=r)
@@ -31,18 +31,26 @@ class VaultMetrics:
                                  registry=r)
         self.cache_files = Gauge("artifact_vault_cache_files", "Entries in the cache (last scan)", ["backend"],
                                  registry=r)
-        inflight_gauge = Gauge("artifact_vault_downloads_in_flight", "Upstream downloads running now", registry=r)
-        inflight_gauge.set_function(lambda: len(inflight))
-        waiting = Gauge("artifact_vault_download_waiters", "Clients streaming downloads that are still running",
-                        registry=r)
-        waiting.set_function(lambda: sum(t.watcher_count for t in inflight.transfers()))
+        self.in_flight = Gauge("artifact_vault_downloads_in_flight", "Upstream downloads running now", registry=r)
+        self.waiting = Gauge("artifact_vault_download_waiters", "Clients streaming downloads that are still running",
+                             registry=r)
         self.waiters_per_download = Histogram(
             "artifact_vault_waiters_per_download", "Clients that shared one upstream download",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         #: recent failures for the status page: (time, what, status, message)
         self.recent_errors: deque = deque(maxlen=20)
-        self.started = time.time()
         self._children: dict[tuple, tuple] = {}
+
+    def watch_downloads(self, downloads) -> None:
+        """Gauges read from `downloads` when scraped; each finished download counts its clients."""
+        self.in_flight.set_function(lambda: len(downloads))
+        self.waiting.set_function(lambda: sum(d.watcher_count for d in downloads.running()))
+        downloads.observe(lambda d: self.waiters_per_download.observe(d.clients))
+
+    def count_answer(self, request) -> None:
+        """A request of a backend is over: count it with its outcome (an error status is an error)."""
+        outcome = "error" if request.code >= 400 else (request.outcome or "forwarded")
+        self.count_request(request.backend, outcome, request.sentLength)
 
     def count_request(self, backend: str, outcome: str, sent: int) -> None:
         """One answered request (children looked up once per label pair: this runs per request)."""

@@ -13,25 +13,21 @@ client's connection is aborted: never a body that looks complete but is not.
 """
 
 import os
-import socket
 from email.utils import parsedate_to_datetime
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from .errors import VaultError
 from .logs import VaultLogger
 from .store import Entry, open_readers
+from .zerocopy import ZeroCopy
 
 log = VaultLogger()
 
 CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024
-SENDFILE_CHUNK = 8 * 1024 * 1024
-SENDFILE = hasattr(os, "sendfile")
-SEND_BUFFER = 4 * 1024 * 1024
 
 
 class StoredBody:
@@ -169,7 +165,7 @@ def set_entity_headers(request, meta: dict) -> None:
 
 def send_small(request, content_type, body: bytes, status: int | None = None, headers=None) -> None:
     """A whole small body in one go (error texts, JSON, metrics); HEAD gets the headers only."""
-    if getattr(request, "_disconnected", False):
+    if request.disconnected:
         return
     if status is not None:
         request.setResponseCode(status)
@@ -188,7 +184,7 @@ def serve(request, body, meta: dict) -> Deferred:
     The returned Deferred fires once the response is under way; the streamer
     then finishes (or aborts) the request by itself.
     """
-    if getattr(request, "_disconnected", False):
+    if request.disconnected:
         return succeed(None)  # the client left while we were getting ready
     set_entity_headers(request, meta)
     if _not_modified(request, meta):
@@ -262,17 +258,10 @@ class _Streamer:
         self.paused = False
         self.done = False
         self._pumping = False
-        transport = getattr(request.channel, "transport", None)
-        # Zero-copy sends need the raw socket: plain TCP (not TLS, not HTTP/2), a known length.
-        self._tcp = transport if isinstance(transport, tcp.Server) and end is not None and SENDFILE else None
-        if self._tcp is not None and end - start > SENDFILE_CHUNK:
-            try:  # fewer, larger sends for big bodies: less waking up per byte
-                self._tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            except OSError:
-                pass
+        self._zero_copy = ZeroCopy.for_request(request, None if end is None else end - start)
 
     def start(self):
-        if getattr(self.request, "_disconnected", False):
+        if self.request.disconnected:
             self._close()
             return
         self.body.watch(self._more)
@@ -310,7 +299,7 @@ class _Streamer:
                     if self.body.failure is not None:
                         self._abort()
                     return  # wait for the transfer to call _more
-                if self._tcp is not None:
+                if self._zero_copy is not None:
                     if not self._send_zero_copy(available):
                         return
                     continue
@@ -324,35 +313,21 @@ class _Streamer:
             self._pumping = False
 
     def _send_zero_copy(self, available: int) -> bool:
-        """
-        os.sendfile straight from the file to the socket, once Twisted's own
-        buffer (the headers) has drained.  When the socket is full, pause and
-        let the transport's next drain resume us (it resumes a paused
-        producer after it wrote everything it had).  False: wait.
-        """
-        t = self._tcp
-        if len(t.dataBuffer) - t.offset or t._tempDataLen:
-            sent = 0
-        else:
-            try:
-                sent = os.sendfile(t.fileno(), self.fd, self.pos, min(available - self.pos, SENDFILE_CHUNK))
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._abort()
-                return False
-            else:
-                if sent == 0:  # end of file before the size we were promised: never pretend
-                    self._abort()
-                    return False
-        if sent:
-            self.pos += sent
-            self.request.sentLength += sent
-            return True
-        self.paused = True
-        t.producerPaused = True
-        t.startWriting()
-        return False
+        """Send what is available without copying it through Python; False: wait (or gave up)."""
+        try:
+            sent = self._zero_copy.send(self.fd, self.pos, available - self.pos)
+        except OSError:
+            self._abort()
+            return False
+        if sent is None:  # end of file before the size we were promised: never pretend
+            self._abort()
+            return False
+        if sent == 0:
+            self.paused = True  # the transport's next drain resumes us
+            return False
+        self.pos += sent
+        self.request.sentLength += sent
+        return True
 
     def _finish(self):
         self._close()

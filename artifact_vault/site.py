@@ -1,6 +1,12 @@
 """
-The root of the web tree: routes by prefix to the backends, answers
-``/_vault/`` itself, and is the one place where failures become responses.
+The web tree: the root holds a child Resource per backend prefix and the
+``/_vault`` subtree (health, metrics, status, admin); `VaultRequest` carries
+each request's own state; `respond_error` is the one place where failures
+become responses.
+
+Every request first passes the root's checks: the Host header against
+``allowed_hosts`` and, where ``access_tokens`` are set, the client's token
+(``/_vault/health`` needs neither).
 """
 
 import hmac
@@ -11,8 +17,9 @@ import socket
 import time
 
 from twisted.internet.defer import maybeDeferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .errors import (IntegrityError, MethodNotAllowed, NotFound, UpstreamStatus, UpstreamTimeout,
                      UpstreamUnavailable, VaultError)
@@ -20,6 +27,28 @@ from .logs import VaultLogger
 from .serve import send_small
 
 log = VaultLogger()
+
+
+class VaultRequest(Request):
+    """A request with what the vault tracks for it (the access log and metrics read it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = time.monotonic()
+        #: name of the backend that answers it, if any
+        self.backend: str | None = None
+        #: how the cache answered: hit, miss, joined, stale, forwarded (or None)
+        self.outcome: str | None = None
+
+    @property
+    def disconnected(self) -> bool:
+        """The client went away: nothing more may be written."""
+        return self._disconnected
+
+    def set_outcome(self, outcome: str) -> None:
+        """Record how the cache answered; "stale" sticks (a stale part makes the whole answer stale)."""
+        if self.outcome != "stale":
+            self.outcome = outcome
 
 
 def respond_error(failure, request, what="request", metrics=None):
@@ -37,11 +66,11 @@ def respond_error(failure, request, what="request", metrics=None):
         if error.status >= 500 or error.status == 429:
             metrics.error(what, error.status, error.message)
         if failure.check(UpstreamStatus):
-            metrics.upstream_errors.labels(getattr(request, "vault_backend", "-"), str(failure.value.code)).inc()
+            metrics.upstream_errors.labels(request.backend or "-", str(failure.value.code)).inc()
         elif failure.check(UpstreamUnavailable, UpstreamTimeout, IntegrityError):
             kind = {UpstreamTimeout: "timeout", IntegrityError: "integrity"}.get(type(failure.value), "unreachable")
-            metrics.upstream_errors.labels(getattr(request, "vault_backend", "-"), kind).inc()
-    if getattr(request, "_disconnected", False) or request.finished:
+            metrics.upstream_errors.labels(request.backend or "-", kind).inc()
+    if request.disconnected or request.finished:
         return None
     if request.startedWriting:
         # Headers (and maybe part of the body) are out: the only honest signal left.
@@ -52,6 +81,45 @@ def respond_error(failure, request, what="request", metrics=None):
     send_small(request, b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace"),
                error.status, error.headers)
     return None
+
+
+def answer(request, produce, what: str, metrics=None):
+    """Run ``produce()`` (a Deferred or a plain result) for `request`; failures go to `respond_error`."""
+    maybeDeferred(produce).addErrback(respond_error, request, what, metrics)
+    return NOT_DONE_YET
+
+
+class ErrorPage(Resource):
+    """Answers every request with one error (routing failures, refused clients)."""
+
+    isLeaf = True
+
+    def __init__(self, error: VaultError, what: str = "request"):
+        super().__init__()
+        self.error = error
+        self.what = what
+
+    def render(self, request):
+        respond_error(Failure(self.error), request, self.what)
+        return NOT_DONE_YET
+
+
+class VaultPage(Resource):
+    """A page below ``/_vault/``: ``answer(request)`` for the methods it allows, 405 for the rest."""
+
+    isLeaf = True
+    methods = (b"GET", b"HEAD")
+
+    def render(self, request):
+        what = request.path.decode("ascii", "replace")
+        if request.method not in self.methods:
+            allowed = tuple(m.decode() for m in self.methods)
+            return answer(request, lambda: _raise(MethodNotAllowed(
+                f"{request.method.decode('ascii', 'replace')} is not supported here", allowed)), what)
+        return answer(request, lambda: self.answer(request), what)
+
+    def answer(self, request):
+        raise NotImplementedError
 
 
 class HostCheck:
@@ -113,19 +181,51 @@ CONTENT_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"content-security-
 
 
 class VaultRoot(Resource):
-    """Leaf resource: the raw request path is matched against backend prefixes."""
+    """
+    The root: ``/_vault`` goes to its own subtree, every other path to the
+    backend whose prefix it starts with (the longest; a prefix may span
+    several segments).  Backends are leaves: they read the rest of the raw,
+    still percent-encoded path themselves.
+    """
 
-    isLeaf = True
-
-    def __init__(self, backends, vault, reactor, access_tokens=(), admin_token=None, hosts=None):
+    def __init__(self, backends, pages: Resource, hosts=None, access_tokens=()):
         super().__init__()
-        self.hosts = hosts or HostCheck(["*"])
-        self.admin_token = admin_token
-        self.access_tokens = [t.encode() for t in access_tokens]
         self.backends = sorted(backends, key=lambda b: len(b.config.prefix), reverse=True)
-        self.vault = vault
-        self.reactor = reactor
-        self.started = time.time()
+        self.pages = pages
+        self.hosts = hosts or HostCheck(["*"])
+        self.access_tokens = [t.encode() for t in access_tokens]
+
+    def getChildWithDefault(self, name, request):
+        path = request.path
+        if path != b"/_vault/health":
+            if not self.hosts.allows(request.getHeader(b"host")):
+                return ErrorPage(VaultError(
+                    "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
+                    "request for another host")
+            if not self.client_allowed(request):
+                return ErrorPage(VaultError(
+                    "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
+                    {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+        if name == b"_vault":
+            return self.pages
+        backend = self.backend_for(path)
+        if backend is None:
+            return ErrorPage(NotFound("no backend is configured for this path"))
+        # the prefix's other segments are the backend's, not its path's
+        for _ in range(backend.config.prefix.strip("/").count("/")):
+            if request.postpath:
+                request.prepath.append(request.postpath.pop(0))
+        return backend
+
+    def render(self, request):
+        return ErrorPage(NotFound("no backend is configured for this path")).render(request)
+
+    def backend_for(self, path: bytes):
+        for backend in self.backends:
+            prefix = backend.config.prefix.encode("ascii")
+            if path.startswith(prefix) or path + b"/" == prefix:
+                return backend
+        return None
 
     def client_allowed(self, request) -> bool:
         """
@@ -148,129 +248,74 @@ class VaultRoot(Resource):
     def _is_vault_token(self, token: bytes) -> bool:
         return any(hmac.compare_digest(token, t) for t in self.access_tokens)
 
-    def render(self, request):
-        path = request.path
-        request.vault_started = time.monotonic()
-        metrics = self.vault.metrics
-        if path != b"/_vault/health" and not self.hosts.allows(request.getHeader(b"host")):
-            d = maybeDeferred(_raise, VaultError(
-                "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421))
-            d.addErrback(respond_error, request, "request for another host")
-            return NOT_DONE_YET
-        if path != b"/_vault/health" and not self.client_allowed(request):
-            d = maybeDeferred(_raise, VaultError(
-                "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
-                {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}))
-            d.addErrback(respond_error, request, "unauthenticated request")
-            return NOT_DONE_YET
-        if path == b"/_vault" or path.startswith(b"/_vault/"):
-            d = maybeDeferred(self.render_vault, request, path[len(b"/_vault/"):])
-            what = path.decode("ascii", "replace")
-        else:
-            backend = self.backend_for(path)
-            if backend is None:
-                d = maybeDeferred(_raise, NotFound("no backend is configured for this path"))
-                what = "request"
-            else:
-                request.vault_backend = backend.name
-                for name, value in CONTENT_HEADERS:
-                    request.setHeader(name, value)
-                if metrics is not None:
-                    request.notifyFinish().addBoth(self._account, request, metrics)
-                prefix = backend.config.prefix.encode("ascii")
-                d = maybeDeferred(backend.handle, request, path[len(prefix):])
-                what = f"{request.method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')[:300]}"
-        d.addErrback(respond_error, request, what, metrics)
-        return NOT_DONE_YET
 
-    @staticmethod
-    def _account(result, request, metrics):
-        outcome = getattr(request, "vault_outcome", None) or "forwarded"
-        if request.code >= 400:
-            outcome = "error"
-        metrics.count_request(request.vault_backend, outcome, request.sentLength)
+class VaultPages(Resource):
+    """``/_vault/``: the status page, ``health``, ``metrics``, ``status.json`` and ``admin/``."""
 
-    def backend_for(self, path: bytes):
-        for backend in self.backends:
-            prefix = backend.config.prefix.encode("ascii")
-            if path.startswith(prefix) or path + b"/" == prefix:
-                return backend
-        return None
+    def __init__(self, children: dict):
+        super().__init__()
+        for name, page in children.items():
+            self.putChild(name, page)
 
-    def render_vault(self, request, what: bytes):
-        if what.startswith(b"admin/"):
-            from . import admin
+    def getChild(self, name, request):
+        return ErrorPage(NotFound("unknown status page"))
 
-            return admin.handle(self, request, what[len(b"admin/"):])
-        if request.method not in (b"GET", b"HEAD"):
-            raise MethodNotAllowed("the status pages are read-only")
-        if what == b"" and request.path.endswith(b"/"):
-            from .status_page import render_status_page
+    def render(self, request):  # "/_vault" without its slash
+        return self.getChild(b"", request).render(request)
 
-            return render_status_page(self, request)
-        if what == b"health":
-            return self._json(request, {
-                "status": "ok",
-                "pid": os.getpid(),
-                "uptime_seconds": round(time.time() - self.started, 1),
-                "backends": [
-                    {"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in self.backends
-                ],
-                "downloads_in_flight": len(self.vault.inflight),
-            })
-        if what == b"metrics" and self.vault.metrics is not None:
-            return send_small(request, b"text/plain; version=0.0.4; charset=utf-8", self.vault.metrics.render())
-        if what == b"status.json":
-            return self._json(request, self.status(names=self.is_admin(request)))
-        raise NotFound("unknown status page")
 
-    def is_admin(self, request) -> bool:
-        """Did the request come with the admin token (without it, the status shows no names)?"""
-        from .admin import check_token
+class HealthPage(VaultPage):
+    def __init__(self, machinery):
+        super().__init__()
+        self.machinery = machinery
 
-        try:
-            check_token(self, request)
-        except VaultError:
-            return False
-        return True
-
-    def status(self, names: bool = False) -> dict:
-        """
-        What the status page shows: use, hit ratio, downloads in flight,
-        recent errors.  The names of files being downloaded and the requests
-        that failed (private repo and file names) only with `names`, which
-        the caller grants to holders of the admin token; others see counts.
-        """
-        metrics = self.vault.metrics
-        totals = metrics.totals() if metrics else {}
-        answered = sum(totals.values())
-        from_cache = totals.get("hit", 0) + totals.get("stale", 0)
-        now = time.monotonic()
-        downloads = []
-        for t in self.vault.inflight.transfers():
-            elapsed = max(now - t.started_at, 1e-3)
-            got = t.available()
-            downloads.append({
-                **({"name": t.label} if names else {}), "bytes": got, "total": t.size,
-                "percent": round(100 * got / t.size, 1) if t.size else None,
-                "rate": round(got / elapsed), "clients": t.watcher_count, "seconds": round(elapsed, 1),
-            })
-        usage = getattr(self.vault, "usage", None) or {}
-        return {
+    def answer(self, request):
+        m = self.machinery
+        send_json(request, {
+            "status": "ok",
             "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started, 1),
-            "backends": [{"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in self.backends],
-            "requests": totals,
-            "hit_ratio": round(from_cache / answered, 3) if answered else None,
-            "cache": usage,
-            "downloads": downloads,
-            "recent_errors": [e if names else {"time": e["time"], "status": e["status"]}
-                              for e in (metrics.recent_errors if metrics else [])],
-        }
+            "uptime_seconds": round(time.time() - m.started, 1),
+            "backends": [{"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in m.backends],
+            "downloads_in_flight": len(m.downloads),
+        })
 
-    def _json(self, request, document):
-        send_small(request, b"application/json", json.dumps(document, indent=1).encode() + b"\n",
-                   headers={b"cache-control": b"no-store"})
+
+class MetricsPage(VaultPage):
+    def __init__(self, metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def answer(self, request):
+        send_small(request, b"text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
+
+
+def check_token(machinery, request) -> None:
+    """Fails unless `request` carries the admin token (and the admin endpoints are on)."""
+    expected_token = machinery.config.admin_token
+    if not expected_token:
+        raise VaultError("admin endpoints are off: set admin_token", 403)
+    expected = expected_token.encode()
+    presented = request.getHeader(b"x-admin-token")
+    if presented is None:
+        scheme, _, token = (request.getHeader(b"authorization") or b"").partition(b" ")
+        presented = token.strip() if scheme.lower() == b"bearer" else b""
+    if not hmac.compare_digest(presented, expected):
+        raise VaultError("admin token missing or wrong (Authorization: Bearer, or X-Admin-Token)", 401,
+                         {"WWW-Authenticate": 'Bearer realm="artifact-vault admin"'})
+
+
+def is_admin(machinery, request) -> bool:
+    """Did the request come with the admin token?"""
+    try:
+        check_token(machinery, request)
+    except VaultError:
+        return False
+    return True
+
+
+def send_json(request, document, status: int | None = None) -> None:
+    send_small(request, b"application/json", json.dumps(document, indent=1).encode() + b"\n", status,
+               headers={b"cache-control": b"no-store"})
 
 
 def _raise(error):
@@ -281,13 +326,13 @@ def access_log_line(timestamp, request) -> str:
     """One line per request: client, request line, status, body bytes, cache outcome, duration."""
     addr = request.getClientAddress()
     ip = getattr(addr, "host", "-")
-    started = getattr(request, "vault_started", None)
+    started = getattr(request, "started", None)
     duration = f"{time.monotonic() - started:.3f}s" if started is not None else "-"
     # The query is not logged: a client may put a credential there.
     target = request.path + (b"?..." if b"?" in request.uri else b"")
     return '%s "%s %s %s" %d %d %s %s "%s"' % (
         ip, _escape(request.method), _escape(target), _escape(request.clientproto), request.code,
-        request.sentLength, getattr(request, "vault_outcome", None) or "-", duration,
+        request.sentLength, getattr(request, "outcome", None) or "-", duration,
         _escape(request.getHeader(b"user-agent") or b"-"),
     )
 
@@ -300,6 +345,6 @@ def _escape(value: bytes) -> str:
 
 
 def make_site(root, reactor) -> Site:
-    site = Site(root, reactor=reactor, logFormatter=access_log_line)
+    site = Site(root, requestFactory=VaultRequest, reactor=reactor, logFormatter=access_log_line)
     site.displayTracebacks = False
     return site

@@ -2,7 +2,7 @@
 The status page at ``/_vault/``: one self-contained HTML document (inline
 CSS and JS, nothing loaded from elsewhere) for an operator's browser.
 
-The server renders the page with the numbers of `VaultRoot.status` already
+The server renders the page with the numbers of `status` already
 in it, so it is useful without JS (and to ``curl``).  Its script then asks
 ``status.json`` (a relative URL: the page also works behind a reverse proxy
 that adds a path prefix) every second and redraws the same sections from the
@@ -17,30 +17,86 @@ page loaded (the headless-browser test reads it).
 
 import html
 import json
+import os
 import secrets
 import time
+
+from .errors import NotFound
+from .serve import send_small
+from .site import VaultPage, is_admin, send_json
 
 OUTCOMES = ("hit", "miss", "joined", "stale", "forwarded", "error")
 #: shown instead of a file or request name to those without the admin token
 HIDDEN = "(name shown with the admin token)"
 
 
-def render_status_page(root, request):
-    status = root.status(names=root.is_admin(request))
-    caps = {b.name: b.config.max_cache_size for b in root.backends}
-    nonce = secrets.token_urlsafe(16)
-    body = page(status, caps, nonce).encode("utf-8")
-    request.setHeader(b"content-type", b"text/html; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"x-content-type-options", b"nosniff")
-    request.setHeader(b"referrer-policy", b"no-referrer")
-    request.setHeader(b"content-security-policy", (
-        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'").encode())
-    request.setHeader(b"content-length", b"%d" % len(body))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
+class StatusPage(VaultPage):
+    """``/_vault/``: the page."""
+
+    def __init__(self, machinery):
+        super().__init__()
+        self.machinery = machinery
+
+    def answer(self, request):
+        if not request.path.endswith(b"/"):
+            raise NotFound("unknown status page")
+        document = status(self.machinery, names=is_admin(self.machinery, request))
+        caps = {b.name: b.config.max_cache_size for b in self.machinery.backends}
+        nonce = secrets.token_urlsafe(16)
+        body = page(document, caps, nonce).encode("utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"content-security-policy", (
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'").encode())
+        send_small(request, b"text/html; charset=utf-8", body)
+
+
+class StatusJson(VaultPage):
+    """``/_vault/status.json``: what the page shows, for its script and for scripts of others."""
+
+    def __init__(self, machinery):
+        super().__init__()
+        self.machinery = machinery
+
+    def answer(self, request):
+        send_json(request, status(self.machinery, names=is_admin(self.machinery, request)))
+
+
+def status(machinery, names: bool = False) -> dict:
+    """
+    What the status page shows: use, hit ratio, downloads in flight, recent
+    errors.  The names of files being downloaded and of the requests that
+    failed (private repo and file names) only with `names`, which callers
+    grant to holders of the admin token; others see counts.
+    """
+    metrics = machinery.metrics
+    totals = metrics.totals() if metrics else {}
+    answered = sum(totals.values())
+    from_cache = totals.get("hit", 0) + totals.get("stale", 0)
+    now = time.monotonic()
+    downloads = []
+    for d in machinery.downloads.running():
+        elapsed = max(now - d.started_at, 1e-3)
+        got = d.available()
+        downloads.append({
+            **({"name": d.label} if names else {}), "bytes": got, "total": d.size,
+            "percent": round(100 * got / d.size, 1) if d.size else None,
+            "rate": round(got / elapsed), "clients": d.watcher_count, "seconds": round(elapsed, 1),
+        })
+    usage = machinery.janitor.usage if machinery.janitor is not None else {}
+    return {
+        "pid": os.getpid(),
+        "uptime_seconds": round(time.time() - machinery.started, 1),
+        "backends": [{"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in machinery.backends],
+        "requests": totals,
+        "hit_ratio": round(from_cache / answered, 3) if answered else None,
+        "cache": usage or {},
+        "downloads": downloads,
+        "recent_errors": [e if names else {"time": e["time"], "status": e["status"]}
+                          for e in (metrics.recent_errors if metrics else [])],
+    }
 
 
 # -- formatting (the script has the same functions, in JS) ------------------------

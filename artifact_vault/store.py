@@ -16,7 +16,6 @@ checked; `CacheStore.path_for` checks again that the result stays below
 """
 
 import collections
-import concurrent.futures
 import errno
 import fcntl
 import hashlib
@@ -27,6 +26,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThread
 
 META_SUFFIX = ".vault-meta"
 TEMP_SUFFIX = ".vault-tmp"
@@ -108,6 +110,8 @@ class CacheStore:
         self._touched: dict[str, float] = {}
         #: writers with a promised size, until they commit or abort
         self._writing: set = set()
+        #: small writes running in threads (`write_later`)
+        self._pending: set = set()
 
     def path_for(self, key: str) -> str:
         path = os.path.normpath(os.path.join(self.root, key))
@@ -157,6 +161,50 @@ class CacheStore:
             os.utime(entry.path + META_SUFFIX)
         except OSError:
             pass
+
+    def publish(self, writer: "CacheWriter", meta: dict) -> Deferred:
+        """Commit `writer` (fsyncs and renames) in a thread; fires with the `Entry`."""
+        return deferToThread(writer.commit, meta)
+
+    def walk(self, backend: str | None = None, prefix: str = "", details: bool = False):
+        """
+        Every committed entry below `backend` (all when None) whose key below
+        the backend starts with `prefix`, in key order: dicts with ``key``,
+        ``backend``, ``size``, ``last_used`` (the sidecar's mtime, which
+        `touch` moves) and, with `details`, ``fetched_at`` and
+        ``upstream_url``.  It reads the disk: run it in a thread.  The one
+        walker of the cache (janitor, admin).
+        """
+        wanted = f"{backend}/{prefix}" if backend else ""
+        start = os.path.join(self.root, os.path.dirname(wanted)) if wanted else self.root
+        for folder, dirs, files in os.walk(start):
+            if folder == self.root and ".locks" in dirs:
+                dirs.remove(".locks")
+            dirs.sort()
+            names = set(files)
+            for name in sorted(files):
+                if name.endswith(RESERVED_SUFFIXES) or name + META_SUFFIX not in names:
+                    continue
+                path = os.path.join(folder, name)
+                key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                if not key.startswith(wanted):
+                    continue
+                try:
+                    size = os.stat(path).st_size
+                    used = os.stat(path + META_SUFFIX).st_mtime
+                except OSError:
+                    continue  # removed meanwhile
+                entry = {"key": key, "backend": key.split("/", 1)[0], "size": size, "last_used": used}
+                if details:
+                    try:
+                        with open(path + META_SUFFIX, "rb") as f:
+                            meta = json.load(f)
+                    except (OSError, ValueError):
+                        meta = {}
+                    meta = meta if isinstance(meta, dict) else {}
+                    entry["fetched_at"] = meta.get("fetched_at")
+                    entry["upstream_url"] = meta.get("upstream_url")
+                yield entry
 
     def writer(self, key: str, expected: int | None = None) -> "CacheWriter":
         """
@@ -233,15 +281,50 @@ class CacheStore:
                 KeyLock(os.path.join(folder, name)).remove_if_free()
         return removed
 
+    def write_later(self, key: str, data: bytes, meta: dict) -> Deferred:
+        """`write_small` in a thread (records, kept answers): fires with the `Entry`, or fails."""
+        d = deferToThread(self.write_small, key, data, meta)
+        self._pending.add(d)
+
+        def done(result):
+            self._pending.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def settled(self) -> Deferred:
+        """Fires once the writes started by `write_later` so far are done (shutdown waits for it)."""
+        return DeferredList(list(self._pending), consumeErrors=True).addCallback(lambda _: None)
+
     def write_small(self, key: str, data: bytes, meta: dict) -> Entry:
-        """Store a small body (API answers) in one go, with the same commit rules."""
-        w = self.writer(key)
+        """Store a small body (records, API answers) in one go, with the same commit rules."""
+        path = self.path_for(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        meta = dict(meta, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        meta.setdefault("fetched_at", time.time())
+        meta_temp = f"{path}{META_SUFFIX}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         try:
-            w.write(data)
-            return w.commit(meta)
+            for target, body in ((temp, data), (meta_temp, json.dumps(meta, sort_keys=True).encode())):
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    view = memoryview(body)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(meta_temp, path + META_SUFFIX)
+            os.replace(temp, path)
         except BaseException:
-            w.abort()
+            for p in (meta_temp, temp):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
             raise
+        _fsync_dir(os.path.dirname(path))
+        return Entry(key, path, meta)
 
 
 class KeyLock:
@@ -356,18 +439,26 @@ class KeyLock:
             return None
 
 
-_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-HASH_BACKLOG = 8 * 1024 * 1024  # bytes a writer may have waiting for the hash thread
+HASH_CHUNK = 1024 * 1024
+#: bytes a writer may have ahead of its hash before it asks its producer to pause
+HASH_BACKLOG = 8 * 1024 * 1024
 
 
 class CacheWriter:
     """
     One entry being written: bytes go straight to a temp file (os.write on an
-    unbuffered descriptor, so other readers of the temp file see them at once)
-    and through sha256 as they arrive.
+    unbuffered descriptor, so other readers of the temp file see them at once).
+
+    The sha256 is computed in a helper thread that reads the temp file back
+    (from the page cache) behind the writer: no bytes are held for it, and
+    the reactor never waits for it.  `write` says when the hash has fallen
+    more than `HASH_BACKLOG` behind; the caller then pauses its producer
+    until `drained()` fires.  `digest()` fires with the hash of everything
+    written; `commit` (blocking: fsyncs and renames) runs in a thread through
+    `CacheStore.publish`.
     """
 
-    def __init__(self, store: CacheStore, key: str, final_path: str, expected: int | None = None):
+    def __init__(self, store: CacheStore, key: str, final_path: str, expected: int | None = None, reactor=None):
         self.store = store
         self.key = key
         self.final_path = final_path
@@ -376,42 +467,39 @@ class CacheWriter:
         self.temp_path = f"{final_path}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         self.fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.size = 0
-        self._hash = hashlib.sha256()
-        self._hashing: collections.deque = collections.deque()  # (future, size) not yet hashed
-        self._hashing_bytes = 0
         self.closed = False
+        self._hash = _FileHash(self.temp_path, reactor)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data) -> bool:
+        """Write all of `data`; True when the hash is far behind (pause, then wait for `drained`)."""
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        # sha256 runs in a helper thread (hashlib lets go of the GIL), one
-        # thread for all writers so that each writer's pieces stay in order.
-        # The pieces waiting for it are bounded: past HASH_BACKLOG bytes the
-        # writer waits, so a fast network never piles a file up in memory.
-        self._hashing.append((_HASHER.submit(self._hash.update, data), len(data)))
-        self._hashing_bytes += len(data)
-        while self._hashing and (self._hashing[0][0].done() or self._hashing_bytes > HASH_BACKLOG):
-            future, size = self._hashing.popleft()
-            future.result()
-            self._hashing_bytes -= size
         self.size += len(data)
+        self._hash.advance(self.size)
+        return self.size - self._hash.hashed > HASH_BACKLOG
 
-    @property
-    def sha256(self) -> str:
-        while self._hashing:
-            self._hashing.popleft()[0].result()
-        self._hashing_bytes = 0
-        return self._hash.hexdigest()
+    def drained(self) -> Deferred:
+        """Fires once the hash is back within `HASH_BACKLOG` of the writer."""
+        return self._hash.when(lambda: self.size - self._hash.hashed <= HASH_BACKLOG // 2)
+
+    def digest(self) -> Deferred:
+        """Fires with the sha256 (hex) of everything written so far."""
+        size = self.size
+        return self._hash.when(lambda: self._hash.hashed >= size).addCallback(lambda _: self._hash.hexdigest())
 
     def commit(self, meta: dict) -> Entry:
-        """fsync, write the sidecar, rename into place; return the entry."""
+        """
+        fsync, write the sidecar, rename into place; return the entry.  Blocking:
+        call it in a thread (`CacheStore.publish`), after `digest()` has fired.
+        """
         self.store._writing.discard(self)
         os.fsync(self.fd)
         os.close(self.fd)
         self.closed = True
-        meta = dict(meta, size=self.size, sha256=self.sha256)
+        self._hash.close()
+        meta = dict(meta, size=self.size, sha256=self._hash.hexdigest())
         meta.setdefault("fetched_at", time.time())
         meta_temp = f"{self.final_path}{META_SUFFIX}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
         try:
@@ -433,6 +521,7 @@ class CacheWriter:
 
     def abort(self) -> None:
         self.store._writing.discard(self)
+        self._hash.close()
         if not self.closed:
             self.closed = True
             try:
@@ -443,6 +532,95 @@ class CacheWriter:
             os.unlink(self.temp_path)
         except FileNotFoundError:
             pass
+
+
+class _FileHash:
+    """
+    sha256 of a file that is being written, computed in the shared hash
+    thread: `advance(n)` says that n bytes are on disk; at most one job per
+    file is queued, and it hashes whatever has been written when it runs.
+    """
+
+    def __init__(self, path: str, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.sha = hashlib.sha256()
+        self.hashed = 0
+        self.target = 0
+        self.queued = False
+        self.closing = False
+        self.failure = None
+        self._waiting: list[tuple] = []
+
+    def advance(self, written: int) -> None:
+        self.target = written
+        if not self.queued and not self.closing:
+            self.queued = True
+            _hash_pool().callInThread(self._run)
+
+    def _run(self) -> None:  # in the hash thread
+        try:
+            while self.hashed < self.target and self.fd is not None:
+                data = os.pread(self.fd, min(HASH_CHUNK, self.target - self.hashed), self.hashed)
+                if not data:
+                    raise OSError(errno.EIO, "the temp file is shorter than what was written")
+                self.sha.update(data)
+                self.hashed += len(data)
+        except (OSError, TypeError) as e:
+            self.failure = e
+        self.reactor.callFromThread(self._ran)
+
+    def _ran(self) -> None:
+        self.queued = False
+        if self.closing:
+            self.close()
+        elif self.failure is None and self.hashed < self.target:
+            self.advance(self.target)
+        self._check()
+
+    def when(self, condition) -> Deferred:
+        d = Deferred()
+        self._waiting.append((condition, d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for condition, d in waiting:
+            if self.failure is not None:
+                d.errback(self.failure)
+            elif condition():
+                d.callback(None)
+            else:
+                self._waiting.append((condition, d))
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        """Let go of the file; while the thread still reads it, the thread's end does."""
+        self.closing = True
+        if self.fd is not None and not self.queued:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
+_HASH_POOL = None
+
+
+def _hash_pool():
+    """One thread hashes for every writer (hashlib lets go of the GIL while it works)."""
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        from twisted.internet import reactor
+        from twisted.python.threadpool import ThreadPool
+
+        _HASH_POOL = ThreadPool(1, 1, "sha256")
+        _HASH_POOL.start()
+        reactor.addSystemEventTrigger("during", "shutdown", _HASH_POOL.stop)
+    return _HASH_POOL
 
 
 def _fsync_dir(path: str) -> None:

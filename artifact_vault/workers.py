@@ -16,7 +16,7 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
 from .logs import VaultLogger
@@ -43,8 +43,11 @@ def reuseport_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
     return sock
 
 
-class _SocketEndpoint:
-    """An endpoint over a socket we opened ourselves (see reuseport_socket)."""
+class ReusePortEndpoint:
+    """
+    Listens on a socket of this process's own with SO_REUSEPORT (see
+    `reuseport_socket`), handed to Twisted as an adopted port.
+    """
 
     def __init__(self, reactor, host, port):
         self.reactor, self.host, self.port = reactor, host, port
@@ -54,10 +57,7 @@ class _SocketEndpoint:
             sock = reuseport_socket(self.host, self.port)
         except OSError as e:
             return defer.fail(e)
-        try:
-            return defer.succeed(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
-        finally:
-            sock.close()  # the reactor keeps its own duplicate
+        return endpoints.AdoptedStreamServerEndpoint(self.reactor, sock.detach(), sock.family).listen(factory)
 
 
 class ListenService(service.Service):
@@ -71,7 +71,7 @@ class ListenService(service.Service):
 
     @classmethod
     def reuseport(cls, reactor, host, port, factory):
-        return cls(_SocketEndpoint(reactor, host, port), factory, f"{host}:{port} (SO_REUSEPORT)")
+        return cls(ReusePortEndpoint(reactor, host, port), factory, f"{host}:{port} (SO_REUSEPORT)")
 
     def startService(self):
         super().startService()
@@ -132,7 +132,7 @@ class WorkerPool(service.Service):
     def spawn(self, number):
         childFDs = {0: "w", 1: "r", 2: "r"}
         endpoint = self.listener.endpoint
-        if isinstance(endpoint, _SocketEndpoint):
+        if isinstance(endpoint, ReusePortEndpoint):
             args = [sys.executable, "-m", "artifact_vault.workers", "--bind", f"{endpoint.host}:{endpoint.port}"]
         else:
             host = self.listener.port.getHost()
@@ -185,22 +185,20 @@ def main(argv=None):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from .config import load
-    from .tap import VaultService, build_site, raise_open_file_limit
+    from .service import assemble, raise_open_file_limit, vault_service
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = load(args.config, cache_dir=args.cache_dir)
     raise_open_file_limit()
-    site, _root, vault = build_site(config, reactor)
-    top = VaultService(vault, sweep=False)
+    machinery = assemble(config, reactor)
     if args.bind:
         host, _, port = args.bind.rpartition(":")
-        sock = reuseport_socket(host, int(port))
-        reactor.adoptStreamPort(sock.fileno(), sock.family, site)
-        sock.close()
+        listener = ListenService.reuseport(reactor, host, int(port), machinery.site)
     else:
         family = socket.AF_INET6 if args.family == "6" else socket.AF_INET
-        reactor.adoptStreamPort(args.fd, family, site)
-        os.close(args.fd)
+        listener = ListenService(endpoints.AdoptedStreamServerEndpoint(reactor, args.fd, family), machinery.site,
+                                 f"descriptor {args.fd}")
+    top = vault_service(machinery, listener, sweep=False)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

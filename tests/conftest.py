@@ -24,7 +24,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from artifact_vault.config import parse  # noqa: E402
-from artifact_vault.tap import build_site  # noqa: E402
+from artifact_vault.service import assemble  # noqa: E402
 from tests.upstream import FakeUpstream  # noqa: E402
 
 
@@ -85,11 +85,11 @@ def vault_factory(tmp_path):
     def start(backends, **top) -> RunningVault:
         document = {"cache_dir": str(tmp_path / "cache"), "log_level": "DEBUG", "backends": backends, **top}
         config = parse(document, environ={})
-        site, root, vault = build_site(config, _reactor)
-        vault.store.sweep()
-        port = _reactor.listenTCP(0, site, interface="127.0.0.1")
+        machinery = assemble(config, _reactor)
+        machinery.store.sweep()
+        port = _reactor.listenTCP(0, machinery.site, interface="127.0.0.1")
         ports.append(port)
-        return RunningVault(f"http://127.0.0.1:{port.getHost().port}", config, root, vault, port)
+        return RunningVault(f"http://127.0.0.1:{port.getHost().port}", config, machinery.root, machinery, port)
 
     yield start
     for port in ports:

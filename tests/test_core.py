@@ -527,7 +527,8 @@ async def test_a_file_larger_than_the_free_space_is_507_and_nothing_is_written(v
     upstream.add("/small.txt", SMALL)
     upstream.add("/big.bin", BODY)
     v = vault_factory(backend(upstream))
-    assert (await http.get(v.url + "/files/small.txt")).code == 200
+    small = await http.get(v.url + "/files/small.txt")
+    assert small.code == 200 and await small.content()
     monkeypatch.setattr(v.store, "free_space", lambda key: len(BODY) - 1)
     r = await http.get(v.url + "/files/big.bin")
     assert r.code == 507 and "space" in (await r.content()).decode()

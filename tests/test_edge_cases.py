@@ -57,7 +57,7 @@ async def test_an_error_body_that_stalls_does_not_hang_the_key(vault_factory, ht
         for _ in range(2):  # and the key is free again afterwards
             r = await http.get(v.url + "/raw/file.bin")
             assert r.code == 502
-        assert len(v.vault.inflight) == 0
+        assert len(v.vault.downloads) == 0
     finally:
         await port.stopListening()
 

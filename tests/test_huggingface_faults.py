@@ -42,6 +42,7 @@ async def test_sha256_mismatch_is_never_published(vault_factory, upstream, http,
     reason = (await s.done).reason
     assert not reason.check(ResponseDone)  # the client sees a broken transfer, not a clean body
     assert [f for _, _, fs in os.walk(os.path.join(v.config.cache_dir, "huggingface", "blobs")) for f in fs] == []
+    await v.store.settled()  # the records written beside it land
     assert not temp_files(v.config.cache_dir)
     assert "sha256 of huggingface/blobs" in logged.text()
     # the next request tries again, and now gets good bytes

@@ -95,7 +95,7 @@ async def test_least_recently_used_entries_are_evicted_to_respect_the_cap(vault_
     await (await http.get(v.url + "/files/f3.bin")).content()
     await v.vault.janitor.scan()
     assert _entry_paths(v) == ["files/f1.bin", "files/f3.bin"]
-    assert v.vault.usage["bytes"] == 2 * len(BODY) and v.vault.usage["files"] == 2
+    assert v.vault.janitor.usage["bytes"] == 2 * len(BODY) and v.vault.janitor.usage["files"] == 2
     m = samples((await (await http.get(v.url + "/_vault/metrics")).content()).decode())
     assert m[("artifact_vault_evictions_total", (("backend", "files"),))] == 1
     assert m[("artifact_vault_cache_bytes", (("backend", "files"),))] == 2 * len(BODY)

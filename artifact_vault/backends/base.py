@@ -1,54 +1,43 @@
 """
-The request flow every backend shares.
+What every backend shares.
 
-A backend module is a policy: it maps a request path to a cache key and an
-upstream URL and decides what may be cached.  It then calls one of the flows
-here, which do the rest the same way for everyone:
+A backend is a `Resource` mounted at its prefix, and a policy: it maps a
+request path to a cache key and an upstream URL and decides what may be
+cached.  Its ``handle(request, subpath)`` gets the raw (still
+percent-encoded) path below the prefix and returns a Deferred (or None);
+failures are `VaultError`s, which `site.respond_error` turns into answers.
+It answers through the shared flows here:
 
-* `Backend.serve_cached`: cache hit -> serve from disk; miss -> join or start
-  the one upstream transfer for the key and stream it while it is written.
-* `Backend.forward`: ask upstream and relay its (small) answer without
-  caching it, optionally rewriting the body (API listings, directory pages).
+* `Backend.serve_cached`: a cache hit is served from disk; a miss joins (or
+  starts) the one download of the key and streams it while it is written.
+* `Backend.relay`: stream one upstream answer through, uncached, at any size.
+* `Backend.forward`: relay a small upstream answer, optionally rewritten.
+* `Backend.kept`: small mutable answers with a TTL, revalidated, served
+  stale when upstream fails (`freshness.KeptAnswers`).
 """
 
-import os
 import time
-from dataclasses import dataclass
-from typing import Callable
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.resource import Resource
 
 from ..bounded import LRU
 from ..config import BackendConfig
-from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
-from ..fetch import Upstream, Discard, read_body, storage_error
-from ..inflight import HolderGone, Inflight, RemoteTransfer, Transfer
+from ..downloads import DownloadSpec
+from ..errors import MethodNotAllowed, UpstreamStatus, safe_url
+from ..fetch import Discard, read_body
+from ..freshness import KeptAnswers, UpstreamHealth
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
-from ..store import CacheStore
+from ..site import CONTENT_HEADERS, answer
 
 log = VaultLogger()
 
 FORWARD_LIMIT = 32 * 1024 * 1024  # bytes of an uncached answer we relay
 HIT_LOG_EVERY = 60.0  # seconds between INFO "Cache hit" lines for one name
-
-
-@dataclass
-class Vault:
-    """The shared machinery, one per daemon, handed to every backend."""
-
-    reactor: object
-    store: CacheStore
-    inflight: Inflight
-    upstream: Upstream
-    metrics: object = None
-    janitor: object = None
-    #: cache use as the janitor last measured it (status page)
-    usage: dict | None = None
-
 
 #: response headers of an upstream answer worth relaying on a forwarded request
 RELAYED_HEADERS = (
@@ -62,29 +51,56 @@ RELAYED_HEADERS = (
 )
 
 
-class Backend:
-    """
-    Base of every backend type.  Each type defines ``handle(request,
-    subpath)``: the raw path below its prefix in, a Deferred (or None) out,
-    failures as VaultError.
-    """
+class Backend(Resource):
+    """Base of every backend type."""
 
+    isLeaf = True
     methods = ("GET", "HEAD")
 
-    def __init__(self, config: BackendConfig, vault: Vault):
+    def __init__(self, config: BackendConfig, machinery):
+        super().__init__()
         self.config = config
         self.name = config.name
-        self.vault = vault
-        self.store = vault.store
+        self.machinery = machinery
+        self.store = machinery.store
+        self.downloads = machinery.downloads
+        self.upstream = machinery.upstream
         #: headers sent upstream on every request (and dropped on a hop to another origin)
         self.upstream_headers = dict(config.headers)
-        self._hits_logged = LRU(10_000)
+        #: whether upstream answers at all (see freshness.UpstreamHealth)
+        self.health = UpstreamHealth(self.name)
+        #: small mutable answers of this backend (index pages, tags, API answers)
+        self.kept = KeptAnswers(self.store)
         #: downloads this backend runs at once; more wait for a slot
         self.download_slots = DeferredSemaphore(config.max_downloads)
+        self._hits_logged = LRU(10_000)
 
-    def evictable(self, key: str) -> bool:
-        """May the janitor remove this entry to respect max_cache_size?"""
-        return True
+    # -- the Resource ---------------------------------------------------------------
+
+    def render_GET(self, request):
+        return self._dispatch(request)
+
+    render_HEAD = render_GET
+
+    def render(self, request):
+        """Every method goes to `handle`, which refuses what this backend does not support."""
+        method = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        return method(request) if method is not None else self._dispatch(request)
+
+    def _dispatch(self, request):
+        request.backend = self.name
+        for name, value in CONTENT_HEADERS:
+            request.setHeader(name, value)
+        metrics = self.machinery.metrics
+        if metrics is not None:
+            request.notifyFinish().addBoth(lambda _: metrics.count_answer(request))
+        prefix = self.config.prefix.encode("ascii")
+        subpath = request.path[len(prefix):]
+        what = f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
+        return answer(request, lambda: self.handle(request, subpath), what, metrics)
+
+    def handle(self, request, subpath: bytes):
+        raise MethodNotAllowed(f"{self.config.type} backends answer no requests")
 
     def check_method(self, request, allowed=None):
         allowed = allowed or self.methods
@@ -94,101 +110,58 @@ class Backend:
                 allowed,
             )
 
-    # -- flows --------------------------------------------------------------
+    # -- hooks -----------------------------------------------------------------------
 
-    def serve_cached(
-        self,
-        request,
-        key: str,
-        url: str,
-        *,
-        headers: dict | None = None,
-        describe: Callable | None = None,
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-        meta_override: dict | None = None,
-        label: str | None = None,
-        _retried: bool = False,
-    ) -> Deferred:
+    def prefetch(self, request, body: dict) -> Deferred:
+        """Warm the cache as the admin endpoint asks (backend types that offer it override this)."""
+        from ..errors import BadRequest
+
+        raise BadRequest(f"prefetch is not offered by {self.config.type} backends")
+
+    def stopped(self) -> None:
+        """The vault is stopping: write down what must survive a restart."""
+
+    # -- flows ---------------------------------------------------------------------------
+
+    def download_spec(self, key: str, url: str, *, headers: dict | None = None, **kw) -> DownloadSpec:
+        """What a download of `url` into `key` needs, with this backend's headers, timeouts and limits."""
+        return DownloadSpec(
+            key=key, url=url, headers={**self.upstream_headers, **(headers or {})},
+            sensitive_headers=tuple(self.sensitive_headers(headers)), timeout=self.config.timeout,
+            max_redirects=self.config.max_redirects, **kw)
+
+    def serve_cached(self, request, spec: DownloadSpec, meta_override: dict | None = None) -> Deferred:
         """
-        Serve `key` from the cache, or fetch `url` once into it while serving
-        (or follow the download another process sharing the cache is doing).
-        `label` names the request in logs (default: the key).
+        Serve ``spec.key`` from the cache, or from the one download of it
+        (this process's or another's), started here if need be.
         """
-        label = label or key
-        entry = self.store.lookup(key)
+        entry = self.store.lookup(spec.key)
         if entry is not None:
-            self.log_hit(label)
-            set_outcome(request, "hit")
-            self.store.touch(entry)
-            meta = dict(entry.meta, **(meta_override or {}))
-            return serve(request, StoredBody(entry), meta)
-
-        def start():
-            lock = self.store.lock(key)
-            try:
-                acquired = lock.try_acquire()
-            except OSError as e:
-                raise storage_error(e, key) from None
-            if not acquired:
-                # Another process sharing this cache is downloading it: follow its file.
-                return RemoteTransfer(key, self.store, self.vault.reactor, label)
-            committed = self.store.lookup(key)  # it may have finished just before we locked
-            if committed is not None:
-                lock.release()
-                done = Transfer(key, url, label)
-                done.committed(committed)
-                return done
-            transfer = self.vault.upstream.transfer(
-                key,
-                url,
-                self.store,
-                headers={**self.upstream_headers, **(headers or {})},
-                timeout=self.config.timeout,
-                max_redirects=self.config.max_redirects,
-                sensitive_headers=self.sensitive_headers(headers),
-                describe=describe,
-                expected_size=expected_size,
-                expected_sha256=expected_sha256,
-                label=label,
-                slots=self.download_slots,
-            )
-            transfer.on_streaming(lambda t: lock.publish(
-                {"temp": t.writer.temp_path, "total": t.total, "meta": t.meta, "pid": os.getpid()}))
-            transfer.on_finished(lambda t: lock.release())
-            if self.vault.metrics is not None:
-                transfer.on_finished(lambda t: self.vault.metrics.waiters_per_download.observe(t.clients))
-            if self.vault.janitor is not None:
-                transfer.on_finished(lambda t: t.entry is not None and self.vault.janitor.note_added(t.entry.size))
-            return transfer
-
-        transfer, started = self.vault.inflight.join(key, start)
-        transfer.attach()
-        request.notifyFinish().addBoth(lambda _: transfer.detach())
-        if isinstance(transfer, RemoteTransfer):
-            log.info("Following the download of {label} by another vault process", label=label)
-            set_outcome(request, "joined")
-        elif started:
-            log.info("Cache miss for {label}, fetching {url}", label=label, url=safe_url(url))
-            set_outcome(request, "miss")
+            return self.serve_hit(request, entry, spec.name, meta_override)
+        download, how, ready = self.downloads.ready(spec, self.download_slots)
+        request.set_outcome("miss" if how == "started" else "joined")
+        if how == "started":
+            log.info("Cache miss for {label}, fetching {url}", label=spec.name, url=safe_url(spec.url))
+        elif how == "following":
+            log.info("Following the download of {label} by another vault process", label=spec.name)
         else:
-            log.info("Joining the download of {label}", label=label)
-            set_outcome(request, "joined")
+            log.info("Joining the download of {label}", label=spec.name)
+        download.attach()
+        request.notifyFinish().addBoth(lambda _: (download.detach(), ready.cancel()))
 
-        def streaming(t):
-            if getattr(request, "_disconnected", False):
+        def streaming(download):
+            if request.disconnected:
                 return None
-            return serve(request, t, dict(t.meta, **(meta_override or {})))
+            return serve(request, download, dict(download.meta, **(meta_override or {})))
 
-        def holder_gone(failure):
-            failure.trap(HolderGone)
-            if _retried:
-                raise VaultError(f"the download of {label} in another vault process failed", 502)
-            return self.serve_cached(request, key, url, headers=headers, describe=describe,
-                                     expected_size=expected_size, expected_sha256=expected_sha256,
-                                     meta_override=meta_override, label=label, _retried=True)
+        # a client that left while waiting cancelled its wait: nothing to answer
+        return ready.addCallback(streaming).addErrback(lambda failure: failure.trap(CancelledError))
 
-        return transfer.ready().addCallbacks(streaming, holder_gone)
+    def serve_hit(self, request, entry, label: str, meta_override: dict | None = None) -> Deferred:
+        self.log_hit(label)
+        request.set_outcome("hit")
+        self.store.touch(entry)
+        return serve(request, StoredBody(entry), dict(entry.meta, **(meta_override or {})))
 
     def log_hit(self, label: str) -> None:
         """
@@ -209,7 +182,7 @@ class Backend:
         return list(self.upstream_headers) + ["authorization"] + list(extra or {})
 
     def request_upstream(self, method: str, url: str, headers: dict | None = None, **kw) -> Deferred:
-        return self.vault.upstream.request(
+        return self.upstream.request(
             method,
             url,
             {**self.upstream_headers, **(headers or {})},
@@ -226,13 +199,13 @@ class Backend:
         size (folder listings, URLs with a query, HEAD of an uncached file).
         """
         d = self.request_upstream(method, url, headers)
-        set_outcome(request, "forwarded")
+        request.set_outcome("forwarded")
 
         def got(response):
             if response.code >= 500:
                 response.deliverBody(Discard())
                 raise UpstreamStatus(response.code, url, relay_headers(response, ("retry-after",)))
-            if getattr(request, "_disconnected", False):
+            if request.disconnected:
                 response.deliverBody(Discard())
                 return None
             request.setResponseCode(response.code)
@@ -264,23 +237,23 @@ class Backend:
         *,
         headers: dict | None = None,
         data: bytes | None = None,
-        rewrite: Callable | None = None,
+        rewrite=None,
         relayed=RELAYED_HEADERS,
     ) -> Deferred:
         """
         Relay one upstream answer (status, selected headers, body) without
-        caching it.  `rewrite(body, response) -> body` may edit a good body.
+        caching it.  ``rewrite(body, response) -> body`` may edit a good body.
         """
         d = self.request_upstream(method, url, headers, data=data)
-        set_outcome(request, "forwarded")
+        request.set_outcome("forwarded")
 
         def got(response):
             return read_body(response, FORWARD_LIMIT, timeout=self.config.timeout,
-                             clock=self.vault.reactor).addCallback(lambda body: (response, body))
+                             clock=self.machinery.reactor).addCallback(lambda body: (response, body))
 
-        def answer(result):
+        def answer_with(result):
             response, body = result
-            if getattr(request, "_disconnected", False):
+            if request.disconnected:
                 return
             if response.code >= 500:
                 raise UpstreamStatus(response.code, url, relay_headers(response, ("retry-after",)))
@@ -296,7 +269,7 @@ class Backend:
                 request.write(body)
             request.finish()
 
-        return d.addCallback(got).addCallback(answer)
+        return d.addCallback(got).addCallback(answer_with)
 
 
 class _Relay(Protocol):
@@ -316,23 +289,17 @@ class _Relay(Protocol):
         self.request.notifyFinish().addErrback(lambda _: self.transport.stopProducing())
 
     def dataReceived(self, data):
-        if not getattr(self.request, "_disconnected", False):
+        if not self.request.disconnected:
             self.request.write(data)
 
     def connectionLost(self, reason):
-        if not getattr(self.request, "_disconnected", False):
+        if not self.request.disconnected:
             self.request.unregisterProducer()
             if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and not self.framed):
                 self.request.finish()
             else:
                 self.request.channel.transport.abortConnection()
         self.done.callback(None)
-
-
-def set_outcome(request, outcome: str) -> None:
-    """How the cache answered this request (for metrics and the access log); "stale" sticks."""
-    if getattr(request, "vault_outcome", None) != "stale":
-        request.vault_outcome = outcome
 
 
 def relay_headers(response, names) -> dict:

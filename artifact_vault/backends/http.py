@@ -31,9 +31,9 @@ class HttpBackend(Backend):
                 url += "?" + query.decode("ascii", "replace")
             return self.relay(request, request.method.decode(), url)
         key = f"{self.name}/" + "/".join(segments)
-        if request.method == b"HEAD" and self.store.lookup(key) is None and self.vault.inflight.get(key) is None:
+        if request.method == b"HEAD" and self.store.lookup(key) is None and self.downloads.get(key) is None:
             return self.relay(request, "HEAD", url, relayed=_HEAD_HEADERS)
-        return self.serve_cached(request, key, url)
+        return self.serve_cached(request, self.download_spec(key, url))
 
 
 _HEAD_HEADERS = ("content-type", "etag", "last-modified", "accept-ranges")

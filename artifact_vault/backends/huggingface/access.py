@@ -49,11 +49,11 @@ import time
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 
-from ..bounded import LRU
-from ..errors import UpstreamStatus, VaultError
-from ..fetch import error_headers
-from ..freshness import is_offline_error
-from ..logs import VaultLogger
+from ...bounded import LRU
+from ...errors import UpstreamStatus, VaultError
+from ...fetch import error_headers
+from ...freshness import is_offline_error
+from ...logs import VaultLogger
 
 log = VaultLogger()
 
@@ -79,7 +79,7 @@ class AccessPolicy:
         self._records = LRU(MEMORY_LIMIT // 10)
         self._dirty: dict[tuple, object] = {}
         self._flusher = LoopingCall(self.flush)
-        self._flusher.clock = backend.vault.reactor
+        self._flusher.clock = backend.machinery.reactor
 
     # -- identities ------------------------------------------------------------
 
@@ -289,15 +289,7 @@ class AccessPolicy:
             self._start_flushing()
 
     def _load(self, key: str):
-        entry = self.backend.store.lookup(key)
-        if entry is None:
-            return None
-        self.backend.store.touch(entry)
-        try:
-            with open(entry.path, "rb") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return self.backend.records.load(key)
 
     def _start_flushing(self) -> None:
         if not self._flusher.running:
@@ -307,6 +299,7 @@ class AccessPolicy:
         """Write the records that changed (every few seconds, and when the vault stops)."""
         dirty, self._dirty = self._dirty, {}
         for key, record in dirty.items():
-            self.backend.keep_small(key, json.dumps(record).encode())
+            self.backend.records.keep(key, dict(record, files=dict(record.get("files") or {}))
+                                      if "files" in record else dict(record))
         if not self._dirty and self._flusher.running:
             self._flusher.stop()

@@ -1,0 +1,127 @@
+"""
+Assembling one vault process: the store, the upstream client, the downloads,
+the backends, the web tree and the services around them.  The tap (the
+twistd plugin) and the worker processes both build their vault here.
+
+`Machinery` is what every backend is handed: the shared parts, one each per
+process.  `VaultService` is the service tree's top: it sweeps leftovers of a
+crash before the port opens and, on stop, aborts the downloads still running
+once the port is closed.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from twisted.application import service
+from twisted.internet.defer import DeferredList
+
+from . import logs
+from .admin import admin_pages
+from .backends import backend_class
+from .downloads import Downloads
+from .fetch import Upstream
+from .janitor import Janitor
+from .metrics import VaultMetrics
+from .site import HealthPage, HostCheck, MetricsPage, VaultPages, VaultRoot, make_site
+from .status_page import StatusJson, StatusPage
+from .store import CacheStore
+
+log = logs.VaultLogger()
+
+
+@dataclass
+class Machinery:
+    """The shared parts of one vault process, handed to every backend."""
+
+    reactor: object
+    config: object
+    store: CacheStore
+    upstream: Upstream
+    downloads: Downloads
+    metrics: VaultMetrics
+    started: float = field(default_factory=time.time)
+    backends: list = field(default_factory=list)
+    janitor: Janitor | None = None
+    #: the web side: the root Resource and the Site serving it
+    root: object = None
+    site: object = None
+
+    def backend(self, name: str):
+        return next((b for b in self.backends if b.name == name), None)
+
+
+def assemble(config, reactor) -> Machinery:
+    """Everything one vault process needs, wired together (nothing listens yet)."""
+    logs.set_level(config.log_level)
+    store = CacheStore(config.cache_dir)
+    metrics = VaultMetrics()
+    upstream = Upstream(reactor, metrics=metrics)
+    downloads = Downloads(store, upstream, reactor)
+    m = Machinery(reactor, config, store, upstream, downloads, metrics)
+    metrics.watch_downloads(downloads)
+    m.backends = [backend_class(b.type)(b, m) for b in config.backends]
+    m.janitor = Janitor(m, config, reactor)
+    pages = VaultPages({
+        b"": StatusPage(m),
+        b"health": HealthPage(m),
+        b"metrics": MetricsPage(metrics),
+        b"status.json": StatusJson(m),
+        b"admin": admin_pages(m),
+    })
+    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens)
+    m.site = make_site(m.root, reactor)
+    return m
+
+
+def raise_open_file_limit() -> None:
+    """Every client streams from its own descriptor: take all the descriptors the system allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def vault_service(machinery: Machinery, listener, sweep: bool = True) -> "VaultService":
+    """The service tree of one process: the listening port, then the janitor, under a `VaultService`."""
+    top = VaultService(machinery, sweep)
+    listener.setServiceParent(top)
+    machinery.janitor.setServiceParent(top)
+    return top
+
+
+class VaultService(service.MultiService):
+    """
+    Sweeps leftovers of a crash before the listening port opens; on stop
+    (SIGTERM), stops listening first, then aborts the downloads still in
+    flight: their temp files are removed and their clients cut off (a client
+    retries; a half file is never published).
+    """
+
+    def __init__(self, machinery: Machinery, sweep=True):
+        super().__init__()
+        self.machinery = machinery
+        self.sweep = sweep
+
+    def startService(self):
+        if self.sweep:
+            removed = self.machinery.store.sweep()
+            if removed:
+                log.info("Removed {n} unfinished temp files from the cache", n=removed)
+        super().startService()
+
+    def stopService(self):
+        d = super().stopService()  # children (the listening port, workers, the janitor) stop first
+        running = len(self.machinery.downloads)
+        if running:
+            log.info("Shutting down: aborting {n} downloads in flight", n=running)
+        self.machinery.downloads.abort_all("the vault is shutting down")
+        for backend in self.machinery.backends:
+            backend.stopped()
+        # the records written in threads land before the process ends
+        return DeferredList([d, self.machinery.store.settled()], consumeErrors=True)
