@@ -153,11 +153,15 @@ class KeptAnswers:
     """
 
     MEMORY = 20_000
+    #: answers larger than this are read from disk each time instead of held in memory
+    MEMORY_BODY_LIMIT = 256 * 1024
 
     def __init__(self, store, clock=time.time):
         self.store = store
         self.clock = clock
         self._memory = LRU(self.MEMORY)
+        #: when upstream last vouched for a large answer (its body stays on disk)
+        self._renewed = LRU(self.MEMORY)
         self._asking = Coalescer()
 
     def peek(self, key: str) -> Answer | None:
@@ -176,15 +180,23 @@ class KeptAnswers:
                 body = f.read()
         except OSError:
             return None
+        checked_at = float(kept.get("checked_at") or entry.meta.get("fetched_at") or 0)
         answer = Answer(int(kept.get("status", 200)), dict(kept.get("headers") or {}), body,
-                        float(kept.get("checked_at") or entry.meta.get("fetched_at") or 0))
-        self._memory[key] = answer
+                        max(checked_at, self._renewed.get(key, 0.0)))
+        self._remember(key, answer)
         return answer
+
+    def _remember(self, key: str, answer: Answer) -> None:
+        if len(answer.body) <= self.MEMORY_BODY_LIMIT:
+            self._memory[key] = answer
+        else:
+            self._memory.pop(key, None)
+            self._renewed[key] = answer.checked_at
 
     def keep(self, key: str, answer: Answer) -> Deferred:
         """Keep `answer` for `key`: in memory at once, on disk in a thread (a failure there is logged)."""
         answer = replace(answer, source="kept")
-        self._memory[key] = answer
+        self._remember(key, answer)
         meta = {"content_type": answer.headers.get("content-type") or "application/octet-stream",
                 "answer": {"status": answer.status, "headers": answer.headers, "checked_at": answer.checked_at}}
         return self.store.write_later(key, answer.body, meta).addErrback(self._not_kept, key)
@@ -200,10 +212,11 @@ class KeptAnswers:
         """Upstream vouched again for the kept answer (in memory only: disk keeps the first time)."""
         kept = self.peek(key)
         if kept is not None:
-            self._memory[key] = replace(kept, checked_at=checked_at)
+            self._remember(key, replace(kept, checked_at=checked_at))
 
     def forget(self, key: str) -> None:
         self._memory.pop(key, None)
+        self._renewed.pop(key, None)
         self.store.remove(key)
 
     @inlineCallbacks
@@ -240,7 +253,7 @@ class KeptAnswers:
             if kept is None:
                 raise UpstreamUnavailable(f"upstream said {name} was not modified, but nothing is kept")
             renewed = replace(kept, checked_at=self.clock(), source="revalidated")
-            self._memory[key] = replace(renewed, source="kept")
+            self._remember(key, replace(renewed, source="kept"))
             return renewed
         if fresh.status >= 500 or fresh.status == 429:
             health.failed(UpstreamStatus(fresh.status, name, fresh.headers), identity)

@@ -188,12 +188,16 @@ class VaultRoot(Resource):
     still percent-encoded path themselves.
     """
 
-    def __init__(self, backends, pages: Resource, hosts=None, access_tokens=()):
+    def __init__(self, backends, pages: Resource, hosts=None, access_tokens=(), routers=()):
         super().__init__()
-        self.backends = sorted(backends, key=lambda b: len(b.config.prefix), reverse=True)
+        self.backends = sorted((b for b in backends if b.config.prefix),
+                               key=lambda b: len(b.config.prefix), reverse=True)
         self.pages = pages
         self.hosts = hosts or HostCheck(["*"])
         self.access_tokens = [t.encode() for t in access_tokens]
+        #: consulted before the prefixes: objects with ``route(request) -> Resource | None``
+        #: (requests that no prefix describes, such as a proxy's absolute-form request lines)
+        self.routers = list(routers)
 
     def getChildWithDefault(self, name, request):
         path = request.path
@@ -206,6 +210,10 @@ class VaultRoot(Resource):
                 return ErrorPage(VaultError(
                     "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
                     {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+        for router in self.routers:
+            resource = router.route(request)
+            if resource is not None:
+                return resource
         if name == b"_vault":
             return self.pages
         backend = self.backend_for(path)
