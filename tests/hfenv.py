@@ -187,6 +187,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def daemon_env(**extra) -> dict:
+    """The environment of a daemon under test: this checkout's code first (as CI's installed copy is)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
 def twistd() -> str:
     import shutil
 
@@ -220,7 +228,7 @@ def vault_process(folder, backends, **top):
     proc = subprocess.Popen(
         [twistd(), "-n", "--pidfile=", "--logfile", str(folder / "vault.log"), "artifact-vault",
          "--config", str(folder / "config.yml")],
-        cwd=str(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=str(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=daemon_env(),
     )
     url = f"http://127.0.0.1:{port}"
     try:

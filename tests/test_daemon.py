@@ -19,7 +19,8 @@ import urllib.request
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.hfenv import ROOT, daemon_env
+
 READY_TIMEOUT = 15
 EXIT_TIMEOUT = 10
 
@@ -41,9 +42,8 @@ def free_port() -> int:
 
 
 def base_env(**extra) -> dict:
-    env = dict(os.environ)
+    env = daemon_env(PYTHONUNBUFFERED="1")
     env.pop("XDG_CACHE_HOME", None)
-    env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 
