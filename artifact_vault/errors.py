@@ -60,6 +60,12 @@ class IntegrityError(VaultError):
     status = 502
 
 
+class NotAFile(VaultError):
+    """Upstream redirected a file's URL to a folder (a URL ending in '/'): nothing is kept under the file's name."""
+
+    status = 404
+
+
 class StorageFull(VaultError):
     status = 507
 

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from .errors import (
     IntegrityError,
+    NotAFile,
     StorageFull,
     UpstreamStatus,
     UpstreamTimeout,
@@ -263,6 +264,12 @@ class Upstream:
             if response.code != 200:
                 return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=spec.timeout,
                                  clock=self.reactor).addCallback(self._refused, response, spec.url)
+            final = getattr(getattr(response, "request", None), "absoluteURI", b"") or b""
+            if final.split(b"?")[0].endswith(b"/") and not spec.url.split("?")[0].endswith("/"):
+                # A folder (upstream added the slash): keeping its listing under the file's
+                # name would stand where the files below it belong.
+                response.deliverBody(Discard())
+                raise NotAFile(f"upstream {safe_url(spec.url)} is a folder")
             declared = _content_length(response)
             if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())

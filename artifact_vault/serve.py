@@ -137,7 +137,7 @@ def _not_modified(request, meta) -> bool:
     if ims and lm:
         try:
             return parsedate_to_datetime(lm) <= parsedate_to_datetime(ims.decode("latin-1"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return False
     return False
 

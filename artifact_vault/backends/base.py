@@ -36,7 +36,9 @@ from ..site import CONTENT_HEADERS, answer
 
 log = VaultLogger()
 
-FORWARD_LIMIT = 32 * 1024 * 1024  # bytes of an uncached answer we relay
+FORWARD_LIMIT = 8 * 1024 * 1024  # bytes of an upstream answer read whole (relayed small answers, API answers)
+#: upstream answers read whole at once, per backend: with FORWARD_LIMIT, what clients can make it hold
+BUFFERED_AT_ONCE = 4
 HIT_LOG_EVERY = 60.0  # seconds between INFO "Cache hit" lines for one name
 
 #: response headers of an upstream answer worth relaying on a forwarded request
@@ -73,6 +75,8 @@ class Backend(Resource):
         self.kept = KeptAnswers(self.store)
         #: downloads this backend runs at once; more wait for a slot
         self.download_slots = DeferredSemaphore(config.max_downloads)
+        #: upstream answers this backend reads whole at once (memory: BUFFERED_AT_ONCE x FORWARD_LIMIT)
+        self.buffered_slots = DeferredSemaphore(BUFFERED_AT_ONCE)
         self._hits_logged = LRU(10_000)
 
     # -- the Resource ---------------------------------------------------------------
@@ -244,12 +248,13 @@ class Backend(Resource):
         Relay one upstream answer (status, selected headers, body) without
         caching it.  ``rewrite(body, response) -> body`` may edit a good body.
         """
-        d = self.request_upstream(method, url, headers, data=data)
         request.set_outcome("forwarded")
 
         def got(response):
             return read_body(response, FORWARD_LIMIT, timeout=self.config.timeout,
                              clock=self.machinery.reactor).addCallback(lambda body: (response, body))
+
+        d = self.buffered_slots.run(lambda: self.request_upstream(method, url, headers, data=data).addCallback(got))
 
         def answer_with(result):
             response, body = result
@@ -269,7 +274,7 @@ class Backend(Resource):
                 request.write(body)
             request.finish()
 
-        return d.addCallback(got).addCallback(answer_with)
+        return d.addCallback(answer_with)
 
 
 class _Relay(Protocol):

@@ -24,9 +24,11 @@ from .hub import COMMIT, Repo
 log = VaultLogger()
 
 #: records kept in memory after they were written or read
-MEMORY_LIMIT = 100_000
-#: paths one not-found record names (the oldest go first)
-MISSING_LIMIT = 1000
+MEMORY_LIMIT = 10_000
+#: entries one not-found record names (the oldest go first)
+MISSING_LIMIT = 256
+#: and at most about this many bytes (paths may be long)
+MISSING_BYTES = 48 * 1024
 
 
 class Records:
@@ -156,8 +158,10 @@ class Records:
         record = dict(record)
         record.pop(name, None)
         record[name] = value
-        while len(record) > MISSING_LIMIT:
-            record.pop(next(iter(record)))
+        size = sum(len(k) + len(json.dumps(v)) for k, v in record.items())
+        while len(record) > MISSING_LIMIT or (size > MISSING_BYTES and len(record) > 1):
+            oldest = next(iter(record))
+            size -= len(oldest) + len(json.dumps(record.pop(oldest)))
         self.keep(record_key, record)
 
 
