@@ -145,7 +145,7 @@ class Download:
         self._ready.append(d)
         return d
 
-    def done(self) -> Deferred:
+    def published(self) -> Deferred:
         """Fires with the committed `Entry`, or fails."""
         d = Deferred()
 

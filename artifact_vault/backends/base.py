@@ -229,7 +229,7 @@ class Backend(Resource):
             relay = _Relay(request, framed=length is not None
                            or b"chunked" in b",".join(response.headers.getRawHeaders(b"transfer-encoding", [])))
             response.deliverBody(relay)
-            return relay.done
+            return relay.ended
 
         return d.addCallback(got)
 
@@ -287,7 +287,8 @@ class _Relay(Protocol):
     def __init__(self, request, framed: bool):
         self.request = request
         self.framed = framed  # Content-Length or chunked: a clean end can be told from a cut
-        self.done = Deferred()
+        #: fires when the upstream body has ended (whatever the client saw)
+        self.ended = Deferred()
 
     def connectionMade(self):
         self.request.registerProducer(self.transport, True)
@@ -304,7 +305,7 @@ class _Relay(Protocol):
                 self.request.finish()
             else:
                 self.request.channel.transport.abortConnection()
-        self.done.callback(None)
+        self.ended.callback(None)
 
 
 def relay_headers(response, names) -> dict:
