@@ -82,6 +82,25 @@ def _headers(value):
     return None
 
 
+def _ca_file(value):
+    """A readable PEM file with at least one certificate in it ("" means none: ${CA_FILE} unset)."""
+    from cryptography import x509
+
+    if value == "":
+        return None
+    path = os.path.expanduser(value)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return f"cannot read {value}: {e.strerror}"
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        return f"{value} holds no PEM certificate that can be read ({e})"
+    return None if certificates else f"{value} holds no PEM certificate"
+
+
 def parse_size(value, key) -> int:
     """'500G', '10 MiB', '1.5T', 1024 -> bytes (K, M, G, T, P are powers of 1024)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -113,6 +132,9 @@ COMMON_OPTIONS = {
     "max_cache_size": Option((str, int), None, _size),
     # Upstream downloads this backend runs at once; further cache misses wait for a free slot.
     "max_downloads": Option(int, 16, lambda v: None if 1 <= v <= 1024 else "must be between 1 and 1024"),
+    # PEM file of the CA certificates an https:// upstream of this backend (and every
+    # host it redirects to) must chain to, instead of the system's CAs.
+    "ca_file": Option(str, None, _ca_file),
 }
 
 #: Per type: extra options, and defaults that replace the common ones.
@@ -155,6 +177,8 @@ class BackendConfig:
     headers: Mapping[str, str]
     max_cache_size: int | None = None
     max_downloads: int = 16
+    #: absolute path of the PEM CAs trusted for this backend's https:// upstreams (None: the system's)
+    ca_file: str | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -288,6 +312,7 @@ def _backend(raw, index, environ) -> BackendConfig:
         headers=MappingProxyType(dict(common["headers"])),
         max_cache_size=common["max_cache_size"],
         max_downloads=common["max_downloads"],
+        ca_file=os.path.abspath(os.path.expanduser(common["ca_file"])) if common["ca_file"] else None,
         options=MappingProxyType(values),
     )
 

@@ -65,6 +65,8 @@ class DownloadSpec:
     expected_sha256: str | None = None
     #: how logs name it: the path clients asked for, where that says more than the key
     label: str | None = None
+    #: PEM CAs an https:// upstream must chain to (None: the system's CAs)
+    ca_file: str | None = None
 
     @property
     def name(self) -> str:

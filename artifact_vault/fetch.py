@@ -36,9 +36,11 @@ from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
+from .connect import CertificateRejected, Endpoints, TrustPolicy
 from .errors import (
     IntegrityError,
     NotAFile,
@@ -158,6 +160,9 @@ def upstream_failure(failure: Failure, url) -> Failure:
     """Map a failure of a request to `url` onto the VaultError a client should see."""
     if failure.check(VaultError):
         return failure
+    for inner in getattr(failure.value, "reasons", None) or ():
+        if isinstance(inner, Failure) and inner.check(CertificateRejected):
+            return Failure(UpstreamUnavailable(f"upstream {safe_url(url)}: {inner.getErrorMessage()}"))
     if failure.check(ResponseFailed):
         inner = failure.value.reasons[0] if failure.value.reasons else None
         if inner is not None and inner.check(werror.InfiniteRedirection):
@@ -195,15 +200,31 @@ class Upstream:
             pool.cachedConnectionTimeout = 60
             pool._factory = _QuietClientFactory
         self.pool = pool
-        self._agents: dict[float, Agent] = {}
+        self._agents: dict[tuple, Agent] = {}
+        #: ca_file -> (policy, pool): a connection verified against other CAs is never reused for it
+        self._trusted: dict[str, tuple] = {}
 
-    def _agent(self, timeout: float) -> Agent:
+    def _agent(self, timeout: float, ca_file: str | None = None) -> Agent:
         if self._given_agent is not None:
             return self._given_agent
-        agent = self._agents.get(timeout)
+        agent = self._agents.get((timeout, ca_file))
         if agent is None:
-            agent = self._agents[timeout] = Agent(self.reactor, connectTimeout=timeout, pool=self.pool)
+            if ca_file is None:
+                policy, pool = None, self.pool
+            else:
+                if ca_file not in self._trusted:
+                    self._trusted[ca_file] = (TrustPolicy(ca_file), self._another_pool())
+                policy, pool = self._trusted[ca_file]
+            agent = Agent.usingEndpointFactory(self.reactor, Endpoints(self.reactor, policy, timeout), pool)
+            self._agents[(timeout, ca_file)] = agent
         return agent
+
+    def _another_pool(self) -> HTTPConnectionPool:
+        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.maxPersistentPerHost = self.pool.maxPersistentPerHost
+        pool.cachedConnectionTimeout = self.pool.cachedConnectionTimeout
+        pool._factory = self.pool._factory
+        return pool
 
     def request(
         self,
@@ -216,14 +237,17 @@ class Upstream:
         sensitive_headers=(),
         data: bytes | None = None,
         same_origin_redirects_only: bool = False,
+        ca_file: str | None = None,
     ) -> Deferred:
         """
         Send one request (following redirects; with `same_origin_redirects_only`,
         a redirect to another origin is returned instead of followed) and fire
         with the unbuffered treq response, or fail with a `VaultError`.
+        With `ca_file`, an https:// upstream (every hop) must have a
+        certificate from one of its CAs instead of the system's.
         """
         agent = _VaultRedirectAgent(
-            _TimeoutAgent(self._agent(timeout), timeout, self.reactor),
+            _TimeoutAgent(self._agent(timeout, ca_file), timeout, self.reactor),
             max_redirects,
             [n.encode("ascii") for n in sensitive_headers],
             same_origin_redirects_only,
@@ -259,7 +283,8 @@ class Upstream:
 
         result = Deferred(stop)
         requesting = self.request("GET", spec.url, spec.headers, timeout=spec.timeout,
-                                  max_redirects=spec.max_redirects, sensitive_headers=spec.sensitive_headers)
+                                  max_redirects=spec.max_redirects, sensitive_headers=spec.sensitive_headers,
+                                  ca_file=spec.ca_file)
 
         def got_response(response):
             if result.called:  # stopped while waiting for the answer
@@ -425,9 +450,14 @@ class _BodyIntoWriter(Protocol):
 
     def connectionMade(self):
         self.idle = self.reactor.callLater(self.spec.timeout, self._stalled)
-        # Read big bodies in large pieces: fewer trips through Python per byte.
-        # (The proxy's _producer is the TCP transport; only its read size changes.)
+        # Read big bodies in large pieces: fewer trips through Python per byte.  The
+        # proxy's _producer is the HTTP protocol's transport: for http:// the TCP
+        # connection, whose read size is all that changes; for https:// protocol
+        # wrappers (TLS, connect._OneDelivery), which would keep the assignment for
+        # themselves: walk down to the socket.
         socket_transport = getattr(self.transport, "_producer", None)
+        while isinstance(socket_transport, ProtocolWrapper):
+            socket_transport = socket_transport.transport
         if hasattr(socket_transport, "bufferSize"):
             socket_transport.bufferSize = RECEIVE_SIZE
 

@@ -132,7 +132,7 @@ class Backend(Resource):
         return DownloadSpec(
             key=key, url=url, headers={**self.upstream_headers, **(headers or {})},
             sensitive_headers=tuple(self.sensitive_headers(headers)), timeout=self.config.timeout,
-            max_redirects=self.config.max_redirects, **kw)
+            max_redirects=self.config.max_redirects, ca_file=self.config.ca_file, **kw)
 
     def serve_cached(self, request, spec: DownloadSpec, meta_override: dict | None = None) -> Deferred:
         """
@@ -193,6 +193,7 @@ class Backend(Resource):
             timeout=kw.pop("timeout", self.config.timeout),
             max_redirects=kw.pop("max_redirects", self.config.max_redirects),
             sensitive_headers=self.sensitive_headers(headers),
+            ca_file=self.config.ca_file,
             **kw,
         )
 
