@@ -163,7 +163,7 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
 }
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
-             "admin_token", "allowed_hosts", "backends"}
+             "admin_token", "allowed_hosts", "access_log", "backends"}
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,8 @@ class VaultConfig:
     admin_token: str | None = None
     #: Host header names accepted (empty: the default that http_host implies, see site.HostCheck)
     allowed_hosts: tuple = ()
+    #: where access log lines go: "-" (standard output), an absolute path, or None (off); see accesslog.py
+    access_log: str | None = "-"
 
 
 def default_cache_dir(environ=None) -> str:
@@ -382,8 +384,30 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
         hosts = [h for h in hosts.replace(",", " ").split() if h]
     if not isinstance(hosts, list) or not all(isinstance(h, str) and _HOST_PATTERN.match(h) for h in hosts):
         raise ConfigError("allowed_hosts", "must be a list of host names, each may start with '*.' (or be '*')")
+    access_log = _access_log(document.get("access_log"))
     return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin,
-                       tuple(h.lower().rstrip(".") for h in hosts))
+                       tuple(h.lower().rstrip(".") for h in hosts), access_log)
+
+
+def _access_log(value) -> str | None:
+    """``access_log``: off (also YAML's unquoted off, a boolean), "-", or a file the vault can append to."""
+    if value is False or value == "off":
+        return None
+    if value is None or value == "-" or value == "":
+        return "-"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError("access_log", "must be a file path, \"-\" (standard output) or off")
+    path = os.path.abspath(os.path.expanduser(value))
+    if os.path.isdir(path):
+        raise ConfigError("access_log", f"{value} is a folder, not a file")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ConfigError("access_log", f"{value} is not writable")
+    elif not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError("access_log", f"the folder of {value} does not exist")
+    elif not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        raise ConfigError("access_log", f"cannot create {value}: its folder is not writable")
+    return path
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from twisted.application import service
 from twisted.internet.defer import DeferredList
 
-from . import logs
+from . import accesslog, logs
 from .admin import admin_pages
 from .backends import backend_class
 from .downloads import Downloads
@@ -45,13 +45,19 @@ class Machinery:
     #: the web side: the root Resource and the Site serving it
     root: object = None
     site: object = None
+    #: the batched access log (`accesslog.AccessLog`), if the lines are not off or in the vault's log
+    access_log: object = None
 
     def backend(self, name: str):
         return next((b for b in self.backends if b.name == name), None)
 
 
-def assemble(config, reactor) -> Machinery:
-    """Everything one vault process needs, wired together (nothing listens yet)."""
+def assemble(config, reactor, access_target="config") -> Machinery:
+    """
+    Everything one vault process needs, wired together (nothing listens
+    yet).  `access_target` is where access log lines go (`accesslog.target`;
+    by default ``config.access_log``, "-" being standard output).
+    """
     logs.set_level(config.log_level)
     store = CacheStore(config.cache_dir)
     metrics = VaultMetrics()
@@ -69,7 +75,10 @@ def assemble(config, reactor) -> Machinery:
         b"admin": admin_pages(m),
     })
     m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens)
-    m.site = make_site(m.root, reactor)
+    if access_target == "config":
+        access_target = config.access_log
+    m.access_log = accesslog.open_target(access_target, reactor)
+    m.site = make_site(m.root, reactor, m.access_log, access_target)
     return m
 
 
@@ -123,5 +132,7 @@ class VaultService(service.MultiService):
         self.machinery.downloads.abort_all("the vault is shutting down")
         for backend in self.machinery.backends:
             backend.stopped()
+        if self.machinery.access_log is not None:
+            self.machinery.access_log.close()  # what waits goes out now; later lines at once
         # the records written in threads land before the process ends
         return DeferredList([d, self.machinery.store.settled()], consumeErrors=True)

@@ -23,6 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from . import accesslog
+from . import accesslog
 from .errors import (IntegrityError, MethodNotAllowed, NotFound, UpstreamStatus, UpstreamTimeout,
                      UpstreamUnavailable, VaultError)
 from .logs import VaultLogger
@@ -373,28 +375,29 @@ def _raise(error):
 
 
 def access_log_line(timestamp, request) -> str:
-    """One line per request: client, request line, status, body bytes, cache outcome, duration."""
-    addr = request.getClientAddress()
-    ip = getattr(addr, "host", "-")
-    started = getattr(request, "started", None)
-    duration = f"{time.monotonic() - started:.3f}s" if started is not None else "-"
-    # The query is not logged: a client may put a credential there.
-    target = request.path + (b"?..." if b"?" in request.uri else b"")
-    return '%s "%s %s %s" %d %d %s %s "%s"' % (
-        ip, _escape(request.method), _escape(target), _escape(request.clientproto), request.code,
-        request.sentLength, getattr(request, "outcome", None) or "-", duration,
-        _escape(request.getHeader(b"user-agent") or b"-"),
-    )
+    """The access log line of `request` (`accesslog.line`), for the vault's log (``accesslog.LOG``)."""
+    return accesslog.line(request).decode("ascii")
 
 
-def _escape(value: bytes) -> str:
-    text = value.decode("ascii", "backslashreplace") if isinstance(value, bytes) else str(value)
-    if text.isprintable() and '"' not in text and "\\" not in text:
-        return text  # the usual case, without the character-by-character walk
-    return "".join(c if 32 <= ord(c) < 127 and c != '"' else "\\x%02x" % ord(c) for c in text)
+class VaultSite(Site):
+    """
+    Twisted's Site, with the vault's access log: lines batched to a file or
+    standard output (`accesslog.AccessLog`), or through the vault's log, or none.
+    """
+
+    def __init__(self, root, reactor, access_log=None, access_target=accesslog.LOG):
+        super().__init__(root, requestFactory=VaultRequest, reactor=reactor, logFormatter=access_log_line)
+        self.displayTracebacks = False
+        #: the batched access log; without one, ``access_target`` says LOG (the vault's log) or None (off)
+        self.access_log = access_log
+        self.access_target = access_target
+
+    def log(self, request):
+        if self.access_log is not None:
+            self.access_log.add(request)
+        elif self.access_target == accesslog.LOG:
+            super().log(request)
 
 
-def make_site(root, reactor) -> Site:
-    site = Site(root, requestFactory=VaultRequest, reactor=reactor, logFormatter=access_log_line)
-    site.displayTracebacks = False
-    return site
+def make_site(root, reactor, access_log=None, access_target=accesslog.LOG) -> Site:
+    return VaultSite(root, reactor, access_log, access_target)

@@ -19,6 +19,7 @@ from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
+from .accesslog import LOG, on_reopen_signals
 from .logs import VaultLogger
 
 log = VaultLogger()
@@ -116,12 +117,24 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.pool.ended(self)
 
 
+#: the descriptor a worker writes its access log lines to, when they go to the main process's standard output
+ACCESS_LOG_FD = 4
+
+
 class WorkerPool(service.Service):
-    def __init__(self, count, listener: ListenService, options, reactor):
+    """
+    The N-1 worker processes.  Each writes its own access log lines: to the
+    file (it opens it itself), or to the main process's standard output
+    (handed to it as descriptor `ACCESS_LOG_FD`); only when the lines go into
+    the vault's log do they travel through the worker's log pipe.
+    """
+
+    def __init__(self, count, listener: ListenService, options, reactor, access_target="-"):
         self.count = count
         self.listener = listener
         self.options = options
         self.reactor = reactor
+        self.access_target = access_target
         self.running_workers: dict[int, _WorkerProtocol] = {}
 
     def startService(self):
@@ -143,6 +156,11 @@ class WorkerPool(service.Service):
             args += ["--config", os.path.abspath(self.options["config"])]
         if self.options.get("cache-dir"):
             args += ["--cache-dir", os.path.abspath(self.options["cache-dir"])]
+        if self.access_target == "-":
+            args += ["--access-log", f"fd:{ACCESS_LOG_FD}"]
+            childFDs[ACCESS_LOG_FD] = 1
+        elif self.access_target == LOG:
+            args += ["--access-log", "log"]
         proto = _WorkerProtocol(self, number)
         self.running_workers[number] = proto
         self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy(), childFDs=childFDs)
@@ -154,6 +172,14 @@ class WorkerPool(service.Service):
             if self.running:
                 log.warn("Worker {n} ended; starting it again", n=proto.number)
                 self.reactor.callLater(RESTART_DELAY, self._respawn, proto.number)
+
+    def signal_all(self, name: str) -> None:
+        """Send signal `name` ("HUP", "TERM") to every running worker."""
+        for proto in list(self.running_workers.values()):
+            try:
+                proto.transport.signalProcess(name)
+            except Exception:  # noqa: BLE001 - it is ending already
+                pass
 
     def _respawn(self, number):
         if self.running and number not in self.running_workers:
@@ -179,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--family", choices=["4", "6"], default="4")
     parser.add_argument("--config")
     parser.add_argument("--cache-dir")
+    parser.add_argument("--access-log", help="fd:N (write access log lines there) or log (into the log); "
+                                             "default: as the configuration says")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -190,7 +218,12 @@ def main(argv=None):
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = load(args.config, cache_dir=args.cache_dir)
     raise_open_file_limit()
-    machinery = assemble(config, reactor)
+    access_target = config.access_log
+    if args.access_log == "log":
+        access_target = LOG
+    elif args.access_log and args.access_log.startswith("fd:"):
+        access_target = int(args.access_log[3:])
+    machinery = assemble(config, reactor, access_target)
     if args.bind:
         host, _, port = args.bind.rpartition(":")
         listener = ListenService.reuseport(reactor, host, int(port), machinery.site)
@@ -200,6 +233,8 @@ def main(argv=None):
                                  f"descriptor {args.fd}")
     top = vault_service(machinery, listener, sweep=False)
     top.startService()
+    if machinery.access_log is not None and machinery.access_log.path is not None:
+        on_reopen_signals(reactor, machinery.access_log.reopen)  # the main process passes its SIGHUP on
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
 

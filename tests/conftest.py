@@ -80,7 +80,7 @@ class RunningVault:
 
 @pytest.fixture
 def vault_factory(tmp_path):
-    ports = []
+    ports, vaults = [], []
 
     def start(backends, **top) -> RunningVault:
         document = {"cache_dir": str(tmp_path / "cache"), "log_level": "DEBUG", "backends": backends, **top}
@@ -89,11 +89,15 @@ def vault_factory(tmp_path):
         machinery.store.sweep()
         port = _reactor.listenTCP(0, machinery.site, interface="127.0.0.1")
         ports.append(port)
+        vaults.append(machinery)
         return RunningVault(f"http://127.0.0.1:{port.getHost().port}", config, machinery.root, machinery, port)
 
     yield start
     for port in ports:
         port.stopListening()
+    for machinery in vaults:
+        if machinery.access_log is not None:
+            machinery.access_log.close()
 
 
 @pytest.fixture

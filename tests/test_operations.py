@@ -49,12 +49,14 @@ async def test_metrics_count_outcomes_bytes_and_errors(vault_factory, upstream, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_access_log_line_has_outcome_bytes_and_duration(vault_factory, upstream, http, logged):
+async def test_access_log_line_has_outcome_bytes_and_duration(vault_factory, upstream, http, tmp_path):
     upstream.add("/a.txt", SMALL)
-    v = vault_factory(backend(upstream))
+    path = tmp_path / "access.log"
+    v = vault_factory(backend(upstream), access_log=str(path))
     for _ in range(2):
         await (await http.get(v.url + "/files/a.txt")).content()
-    lines = [m for m in logged.messages() if '"GET /files/a.txt HTTP/1.1" 200' in m]
+    v.vault.access_log.flush()
+    lines = [m for m in path.read_text().splitlines() if '"GET /files/a.txt HTTP/1.1" 200' in m]
     assert len(lines) == 2
     assert f" 200 {len(SMALL)} miss " in lines[0] and f" 200 {len(SMALL)} hit " in lines[1]
     assert lines[1].split(" hit ")[1].split("s ")[0].replace(".", "").isdigit()
