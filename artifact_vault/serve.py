@@ -31,14 +31,28 @@ SMALL_BODY = 64 * 1024
 
 
 class StoredBody:
-    """A committed entry, with the same face as a `Transfer`."""
+    """
+    A committed entry, with the same face as a `Transfer`.  With the `store`
+    it came from, a small body is read from the store's memory of small
+    bodies (`CacheStore.small_body`).
+    """
 
     failure = None
     complete = True
 
-    def __init__(self, entry: Entry):
+    def __init__(self, entry: Entry, store=None):
         self.entry = entry
         self.size = entry.size
+        self.store = store
+
+    def small(self) -> bytes | None:
+        """The whole body from memory (read once), or None: read the file."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.small_body(self.entry)
+        except OSError as e:
+            raise VaultError(f"cannot open the cached file: {e.strerror}", 503, {"Retry-After": "5"}) from None
 
     def available(self) -> int:
         return self.size
@@ -222,7 +236,23 @@ def serve(request, body, meta: dict) -> Deferred:
         request.finish()
         return succeed(None)
     if body.complete and end - start <= SMALL_BODY:
-        # Small and complete (configs, tokenizers' JSON): one read, one write.
+        # Small and complete (configs, tokenizers' JSON): one read (or none: kept in memory), one write.
+        request.write(_read_small(body, start, end))
+        request.finish()
+        return succeed(None)
+    try:
+        streamer = _Streamer(request, body, start, end)
+    except OSError as e:
+        raise VaultError(f"cannot open the cached file: {e.strerror}", 503, {"Retry-After": "5"}) from None
+    streamer.start()
+    return succeed(None)
+
+
+def _read_small(body, start: int, end: int) -> bytes:
+    kept = body.small() if isinstance(body, StoredBody) else None
+    if kept is not None:
+        data = kept[start:end]
+    else:
         try:
             fd = body.open()
         except OSError as e:
@@ -232,17 +262,9 @@ def serve(request, body, meta: dict) -> Deferred:
         finally:
             os.close(fd)
             body.closed()
-        if len(data) != end - start:
-            raise VaultError("the cached file is shorter than its metadata says", 503)
-        request.write(data)
-        request.finish()
-        return succeed(None)
-    try:
-        streamer = _Streamer(request, body, start, end)
-    except OSError as e:
-        raise VaultError(f"cannot open the cached file: {e.strerror}", 503, {"Retry-After": "5"}) from None
-    streamer.start()
-    return succeed(None)
+    if len(data) != end - start:
+        raise VaultError("the cached file is shorter than its metadata says", 503)
+    return data
 
 
 @implementer(IPushProducer)

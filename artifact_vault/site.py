@@ -21,6 +21,8 @@ import time
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from . import accesslog
@@ -89,7 +91,12 @@ class VaultRequest(Request):
 
 
 def respond_error(failure, request, what="request", metrics=None):
-    """Turn a failure into the answer the client sees (or an aborted connection)."""
+    """
+    Turn a failure into the answer the client sees (or an aborted connection).
+    `what` names the request in the log (a callable gives it only when needed).
+    """
+    if callable(what):
+        what = what()
     if failure.check(VaultError):
         error = failure.value
         if error.status >= 500:
@@ -172,10 +179,14 @@ class HostCheck:
     for a wildcard ``http_host`` (0.0.0.0, ::) this machine's names.
     """
 
+    #: Host header values remembered with their verdict (clients send a few, over and over)
+    MEMO_LIMIT = 1024
+
     def __init__(self, names):
         self.any = "*" in names
         self.names = {n for n in names if not n.startswith("*")}
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+        self._verdicts: dict[bytes, bool] = {}
 
     @classmethod
     def from_config(cls, config) -> "HostCheck":
@@ -193,6 +204,14 @@ class HostCheck:
         """A missing Host is allowed; one that is no host name (or [address]) and port never is."""
         if header is None:
             return True
+        verdict = self._verdicts.get(header)
+        if verdict is None:
+            if len(self._verdicts) >= self.MEMO_LIMIT:
+                self._verdicts.clear()
+            verdict = self._verdicts[header] = self._allows(header)
+        return verdict
+
+    def _allows(self, header: bytes) -> bool:
         try:
             match = _HOST_HEADER.match(header.decode("ascii").strip().lower())
         except UnicodeDecodeError:
@@ -236,6 +255,9 @@ class VaultRoot(Resource):
         super().__init__()
         self.backends = sorted((b for b in backends if b.config.prefix),
                                key=lambda b: len(b.config.prefix), reverse=True)
+        #: (prefix as bytes, backend, segments of the prefix after its first): the longest first
+        self._prefixes = [(b.config.prefix.encode("ascii"), b, b.config.prefix.strip("/").count("/"))
+                          for b in self.backends]
         self.pages = pages
         self.hosts = hosts or HostCheck(["*"])
         self.access_tokens = [t.encode() for t in access_tokens]
@@ -260,21 +282,20 @@ class VaultRoot(Resource):
                 return resource
         if name == b"_vault":
             return self.pages
-        backend = self.backend_for(path)
-        if backend is None:
-            return ErrorPage(NotFound("no backend is configured for this path"))
-        # the prefix's other segments are the backend's, not its path's
-        for _ in range(backend.config.prefix.strip("/").count("/")):
-            if request.postpath:
-                request.prepath.append(request.postpath.pop(0))
-        return backend
+        for prefix, backend, more in self._prefixes:
+            if path.startswith(prefix) or path + b"/" == prefix:
+                # the prefix's other segments are the backend's, not its path's
+                for _ in range(more):
+                    if request.postpath:
+                        request.prepath.append(request.postpath.pop(0))
+                return backend
+        return ErrorPage(NotFound("no backend is configured for this path"))
 
     def render(self, request):
         return ErrorPage(NotFound("no backend is configured for this path")).render(request)
 
     def backend_for(self, path: bytes):
-        for backend in self.backends:
-            prefix = backend.config.prefix.encode("ascii")
+        for prefix, backend, _ in self._prefixes:
             if path.startswith(prefix) or path + b"/" == prefix:
                 return backend
         return None
@@ -379,11 +400,34 @@ def access_log_line(timestamp, request) -> str:
     return accesslog.line(request).decode("ascii")
 
 
+class VaultChannel(HTTPChannel):
+    """
+    Twisted's HTTP/1.1 channel, sending the status line and headers of an
+    answer as one piece: Twisted hands the transport four pieces per header
+    (name, ": ", value, CRLF), each checked and queued on its own, about a
+    tenth of the time a small hit takes.  The bytes are the same.
+    """
+
+    def writeHeaders(self, version, code, reason, headers):
+        if not isinstance(headers, Headers):
+            return super().writeHeaders(version, code, reason, headers)
+        parts = [b"%s %s %s\r\n" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+
 class VaultSite(Site):
     """
     Twisted's Site, with the vault's access log: lines batched to a file or
-    standard output (`accesslog.AccessLog`), or through the vault's log, or none.
+    standard output (`accesslog.AccessLog`), or through the vault's log, or
+    none.  Its channels are `VaultChannel`s (HTTP/1.1: the vault does not
+    offer HTTP/2).
     """
+
+    protocol = VaultChannel
 
     def __init__(self, root, reactor, access_log=None, access_target=accesslog.LOG):
         super().__init__(root, requestFactory=VaultRequest, reactor=reactor, logFormatter=access_log_line)

@@ -49,7 +49,28 @@ class UnsafePath(ValueError):
     """A request path that cannot name a cache entry (traversal, encoding tricks)."""
 
 
+#: request paths checked lately and their segments (clients ask for the same files over and over)
+_CHECKED: dict = {}
+_CHECKED_LIMIT = 4096
+
+
 def safe_segments(raw: bytes) -> list[str]:
+    """
+    Split a raw (still percent-encoded) request path into decoded segments,
+    refusing anything that could leave its folder or mean two things; see
+    `_safe_segments`.  Paths that passed lately are remembered (a bounded
+    memo), so a hot file is not checked again on every request.
+    """
+    segments = _CHECKED.get(raw)
+    if segments is None:
+        segments = _safe_segments(raw)
+        if len(_CHECKED) >= _CHECKED_LIMIT:
+            _CHECKED.clear()
+        _CHECKED[raw] = segments
+    return list(segments)
+
+
+def _safe_segments(raw: bytes) -> tuple:
     """
     Split a raw (still percent-encoded) request path into decoded segments,
     refusing anything that could leave its folder or mean two things.
@@ -82,7 +103,7 @@ def safe_segments(raw: bytes) -> list[str]:
         if text.endswith(RESERVED_SUFFIXES):
             raise UnsafePath("reserved file name")
         segments.append(text)
-    return segments
+    return tuple(segments)
 
 
 @dataclass(frozen=True)
@@ -103,11 +124,16 @@ class CacheStore:
     MEMO_LIMIT = 100_000
     #: a hit moves an entry's last-use mark at most this often (seconds)
     TOUCH_EVERY = 60.0
+    #: bodies this small are kept in memory once read (`small_body`), up to SMALL_BODIES_BYTES in all
+    SMALL_BODY = 64 * 1024
+    SMALL_BODIES_BYTES = 16 * 1024 * 1024
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self._memo: dict[str, tuple[tuple, Entry]] = {}
         self._touched: dict[str, float] = {}
+        self._small: collections.OrderedDict = collections.OrderedDict()  # key -> (entry, bytes)
+        self._small_bytes = 0
         #: writers with a promised size, until they commit or abort
         self._writing: set = set()
         #: small writes running in threads (`write_later`)
@@ -148,6 +174,37 @@ class CacheStore:
             self._memo.clear()
         self._memo[key] = (signature, entry)
         return entry
+
+    def small_body(self, entry: Entry) -> bytes | None:
+        """
+        The body of `entry` (as `lookup` returned it) when it is small: read
+        once, then from memory while `lookup` keeps returning the same entry
+        (the data file's stat unchanged).  None for a larger one.  The least
+        recently served go when more than `SMALL_BODIES_BYTES` are kept.
+        """
+        size = entry.size
+        if size > self.SMALL_BODY:
+            return None
+        kept = self._small.get(entry.key)
+        if kept is not None and kept[0] is entry:
+            self._small.move_to_end(entry.key)
+            return kept[1]
+        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, size + 1, 0)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise OSError(errno.EIO, "the cached file is not as long as its metadata says")
+        if kept is not None:
+            self._small_bytes -= len(kept[1])
+        self._small[entry.key] = (entry, data)
+        self._small.move_to_end(entry.key)
+        self._small_bytes += size
+        while self._small_bytes > self.SMALL_BODIES_BYTES:
+            _, (_, dropped) = self._small.popitem(last=False)
+            self._small_bytes -= len(dropped)
+        return data
 
     def touch(self, entry: Entry) -> None:
         """Mark `entry` as just used: its sidecar's mtime is the clock of LRU eviction."""

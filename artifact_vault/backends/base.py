@@ -53,6 +53,11 @@ RELAYED_HEADERS = (
 )
 
 
+def _what(request) -> str:
+    """How the log names a request that failed."""
+    return f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
+
+
 class Backend(Resource):
     """Base of every backend type."""
 
@@ -100,8 +105,7 @@ class Backend(Resource):
             request.notifyFinish().addBoth(lambda _: metrics.count_answer(request))
         prefix = self.config.prefix.encode("ascii")
         subpath = request.path[len(prefix):]
-        what = f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
-        return answer(request, lambda: self.handle(request, subpath), what, metrics)
+        return answer(request, lambda: self.handle(request, subpath), lambda: _what(request), metrics)
 
     def handle(self, request, subpath: bytes):
         raise MethodNotAllowed(f"{self.config.type} backends answer no requests")
@@ -165,7 +169,8 @@ class Backend(Resource):
         self.log_hit(label)
         request.set_outcome("hit")
         self.store.touch(entry)
-        return serve(request, StoredBody(entry), dict(entry.meta, **(meta_override or {})))
+        return serve(request, StoredBody(entry, self.store),
+                     dict(entry.meta, **meta_override) if meta_override else entry.meta)
 
     def log_hit(self, label: str) -> None:
         """

@@ -23,15 +23,19 @@ class HttpBackend(Backend):
             segments = safe_segments(subpath.rstrip(b"/")) if subpath.strip(b"/") else []
         except UnsafePath as e:
             raise BadRequest(f"bad path: {e}") from None
+        query = b"?" in request.uri and request.uri.partition(b"?")[2]
+        key = f"{self.name}/" + "/".join(segments)
+        if not (folder or query):
+            entry = self.store.lookup(key)
+            if entry is not None:  # a hit: no URL, no download to describe
+                return self.serve_hit(request, entry, key)
         url_path = "/".join(quote(s, safe="") for s in segments)
         url = f"{self.config.base_url}/{url_path}" + ("/" if folder and segments else "")
-        query = request.uri.partition(b"?")[2]
         if folder or query:
             if query:
                 url += "?" + query.decode("ascii", "replace")
             return self.relay(request, request.method.decode(), url)
-        key = f"{self.name}/" + "/".join(segments)
-        if request.method == b"HEAD" and self.store.lookup(key) is None and self.downloads.get(key) is None:
+        if request.method == b"HEAD" and self.downloads.get(key) is None:
             return self.relay(request, "HEAD", url, relayed=_HEAD_HEADERS)
         d = self.serve_cached(request, self.download_spec(key, url))
         return d.addErrback(self._folder, request)
