@@ -42,24 +42,25 @@ def client_name() -> str:
     return "python http.client (curl not found)"
 
 
-def _argv(url: str, out: str) -> list[str]:
+def _argv(url: str, out: str, ca: str | None = None) -> list[str]:
     curl = shutil.which("curl")
     if curl:
-        return [curl, "-s", "-S", "-o", out, "-w", WRITE_OUT, url]
-    return [sys.executable, "-m", "bench.clients", url, out]
+        return [curl, "-s", "-S", "-o", out, "-w", WRITE_OUT] + (["--cacert", ca] if ca else []) + [url]
+    return [sys.executable, "-m", "bench.clients", url, out] + ([ca] if ca else [])
 
 
-def run_clients(procs: Processes, urls: list[str], expected_size: int, outs=None, timeout=900.0):
+def run_clients(procs: Processes, urls: list[str], expected_size: int, outs=None, timeout=900.0, ca=None):
     """
     Start one client per URL at once and wait for all of them.  Returns
-    (wall seconds from the first start to the last exit, [Result]).
+    (wall seconds from the first start to the last exit, [Result]).  `ca`:
+    the PEM CA an https:// server's certificate must chain to.
     """
     outs = outs or [os.devnull] * len(urls)
     started = []
     t0 = time.perf_counter()
     try:
         for url, out in zip(urls, outs):
-            started.append(procs.spawn(_argv(url, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            started.append(procs.spawn(_argv(url, out, ca), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         results, errors = [], []
         deadline = time.monotonic() + timeout
         for proc in started:
@@ -85,18 +86,23 @@ def run_clients(procs: Processes, urls: list[str], expected_size: int, outs=None
     return wall, results
 
 
-def fetch_one(procs: Processes, url: str, expected_size: int, out=os.devnull) -> Result:
-    return run_clients(procs, [url], expected_size, [out])[1][0]
+def fetch_one(procs: Processes, url: str, expected_size: int, out=os.devnull, ca=None) -> Result:
+    return run_clients(procs, [url], expected_size, [out], ca=ca)[1][0]
 
 
-def _python_download(url: str, out: str) -> int:
+def _python_download(url: str, out: str, ca: str | None = None) -> int:
     """The fallback client: GET `url` into `out`, print curl's -w figures."""
     import http.client
+    import ssl
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    if u.scheme == "https":
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=120,
+                                           context=ssl.create_default_context(cafile=ca))
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
     conn.request("GET", u.path + ("?" + u.query if u.query else ""))
     resp = conn.getresponse()
     buf = bytearray(1 << 20)
@@ -117,4 +123,4 @@ def _python_download(url: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_python_download(sys.argv[1], sys.argv[2]))
+    sys.exit(_python_download(*sys.argv[1:4]))

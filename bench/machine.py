@@ -5,7 +5,7 @@ import os
 import platform
 import subprocess
 
-from .services import ROOT
+from . import services
 
 
 def cpu_model() -> str:
@@ -46,10 +46,12 @@ def filesystem_of(path: str) -> str:
 
 
 def vault_revision() -> str:
+    """The git revision of the vault code being measured (``--vault-code``, by default this checkout)."""
+    code = services.VAULT_CODE
     try:
-        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+        rev = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown revision"

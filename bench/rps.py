@@ -1,13 +1,19 @@
 """
-A lean HTTP/1.1 load generator for small files: requests per second over many
-keep-alive connections, each connection alternating HEAD and GET.
+Small-file load: GET requests per second over many keep-alive connections.
 
-Why not wrk: wrk's parser waits for a body after a HEAD answer that carries a
-Content-Length, so a HEAD+GET mix stalls every connection.  This client is a
-few processes (default 2), each one `selectors` loop over its share of the
-connections, with pre-built requests and just enough parsing (status line,
-Content-Length) to know where an answer ends.  It costs a small fraction of
-what a Python server spends per request, so it does not become the limit.
+`measure` runs ``wrk`` where it is installed (one thread by default: on 2
+cores more take CPU from the server they measure), else the lean Python
+client below.  Either way a warm-up run comes first and is not counted, and
+any answer other than 200 (or a socket error) fails the measurement.  With
+`cpu_of`, the CPU the server's processes used during the counted run is
+measured too (from /proc).
+
+The Python client: a few processes, each one `selectors` loop over its share
+of the connections, with pre-built requests and just enough parsing (status
+line, Content-Length) to know where an answer ends.  It costs a small
+fraction of what a Python server spends per request.  ``--mix`` makes each
+connection alternate HEAD and GET (wrk cannot: its parser waits for a body
+after a HEAD answer that carries a Content-Length).
 
 Each worker connects, says ``ready``, waits for ``go`` on stdin, runs a
 warm-up (not counted) and then counts answers for `duration` seconds.  Any
@@ -21,13 +27,14 @@ import argparse
 import json
 import re
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from urllib.parse import urlsplit
 
-from .services import BenchError
+from .services import BenchError, cpu_seconds
 
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 
@@ -50,7 +57,7 @@ def _connect(host, port):
     return _Conn(sock)
 
 
-def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout):
+def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout, mix=False):
     host_header = f"{host}:{port}".encode()
     requests = {
         True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n\r\n" % (target.encode(), host_header),
@@ -73,7 +80,7 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
     statuses: dict[int, int] = {}
 
     def send(c):
-        c.head = not c.head
+        c.head = mix and not c.head
         c.sock.send(requests[c.head])  # a few dozen bytes: fits in an empty send buffer
 
     for c in conns:
@@ -128,15 +135,70 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
     return {"ok": ok, "errors": errors, "statuses": statuses}
 
 
-def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None):
+def client_name(processes: int = 1) -> str:
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+        version = (out.stdout + out.stderr).split()
+        name = f"wrk {version[1]}" if len(version) > 1 and version[0] == "wrk" else "wrk"
+        return f"{name} ({processes} thread{'s' if processes > 1 else ''}, keep-alive, GET)"
+    return f"bench/rps.py (Python, {processes} process{'es' if processes > 1 else ''}, keep-alive, GET; wrk not found)"
+
+
+def measure(url, connections=32, duration=5.0, warmup=1.0, processes=1, procs=None, cpu_of=None):
     """
-    Requests per second (HEAD+GET alternating) against `url` over
-    `connections` connections split across `processes` worker processes.
+    GET requests per second against `url` over `connections` connections,
+    after a warm-up of `warmup` seconds that is not counted.  Returns {"rps",
+    "ok", "errors", "statuses", "cpu"}: "cpu" is the CPU seconds of the
+    processes `cpu_of()` names during the counted run (None without it).
+    """
+    run = _wrk if shutil.which("wrk") else _python
+    if warmup > 0:
+        run(url, connections, warmup, processes, procs)
+    pids = cpu_of() if cpu_of is not None else []
+    before = cpu_seconds(pids)
+    total = run(url, connections, duration, processes, procs)
+    total["cpu"] = cpu_seconds(pids) - before if cpu_of is not None else None
+    return total
+
+
+def _wrk(url, connections, duration, threads, procs):
+    argv = [shutil.which("wrk"), f"-t{max(1, min(threads, connections))}", f"-c{connections}",
+            f"-d{max(1, round(duration))}s", url]  # wrk counts whole seconds
+    spawn = procs.spawn if procs is not None else subprocess.Popen
+    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=duration + 60)
+    finally:
+        if procs is not None:
+            procs.forget(proc)
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if proc.returncode != 0 or done is None:
+        raise BenchError(f"wrk failed on {url}: {(err or out).strip()[:200]}")
+    ok = int(done.group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in sockets.groups()) if sockets else 0)
+    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    return {"ok": ok - (int(bad.group(1)) if bad else 0), "errors": errors,
+            "statuses": {"non-2xx": int(bad.group(1))} if bad else {"2xx": ok}, "rps": ok / seconds}
+
+
+def _python(url, connections, duration, processes, procs):
+    return _python_measure(url, connections, duration, 0.0, processes, procs)
+
+
+def _python_measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, mix=False):
+    """
+    Requests per second (GET; HEAD+GET alternating with `mix`) against `url`
+    over `connections` connections split across `processes` worker processes.
     Returns {"rps", "ok", "errors", "statuses"}.
     """
     processes = max(1, min(processes, connections))
     shares = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
     argv = [sys.executable, "-m", "bench.rps", url, "--worker", "-d", str(duration), "-w", str(warmup)]
+    if mix:
+        argv.append("--mix")
     spawn = procs.spawn if procs is not None else subprocess.Popen
     workers = [spawn(argv + ["-c", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                for n in shares]
@@ -173,19 +235,26 @@ def main(argv=None):
     ap.add_argument("-c", "--connections", type=int, default=32)
     ap.add_argument("-d", "--duration", type=float, default=5.0)
     ap.add_argument("-w", "--warmup", type=float, default=1.0)
-    ap.add_argument("-p", "--processes", type=int, default=2)
+    ap.add_argument("-p", "--processes", type=int, default=1)
+    ap.add_argument("--mix", action="store_true", help="Python client: HEAD and GET alternating on each connection")
+    ap.add_argument("--python", action="store_true", help="the Python client even where wrk is installed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     u = urlsplit(args.url)
     target = (u.path or "/") + ("?" + u.query if u.query else "")
     if args.worker:
-        result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup)
+        result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup,
+                        mix=args.mix)
         if result is None:
             return 1
         print(json.dumps(result))
         return 0
     try:
-        result = measure(args.url, args.connections, args.duration, args.warmup, args.processes)
+        if args.python or args.mix:
+            result = _python_measure(args.url, args.connections, args.duration, args.warmup, args.processes,
+                                     mix=args.mix)
+        else:
+            result = measure(args.url, args.connections, args.duration, args.warmup, args.processes)
     except BenchError as e:
         sys.stderr.write(f"{e}\n")
         return 1

@@ -5,8 +5,14 @@ The servers a benchmark run needs, each a child process of the run:
   endpoints (``/_fake/add``, ``/_fake/requests``, ``/_fake/reset``);
 * the vault itself (``twistd -n artifact-vault``) with one ``http`` backend
   mounted at ``/bench/`` in front of that origin;
-* nginx in the foreground with a generated config (``sendfile on``);
-* ``twistd web --path DIR``: Twisted's own ``static.File``.
+* nginx in the foreground with a generated config (``sendfile on``), over
+  plain HTTP or over HTTPS with a certificate made for the run;
+* Twisted's own ``static.File``, without an access log (``bench/static_nolog.py``).
+
+The vault runs the code of one checkout (``VAULT_CODE``, by default this
+one): its folder is the vault's ``PYTHONPATH``, so that neither the copy of
+the package installed in site-packages nor the working folder decides what
+is measured.
 
 `Processes` remembers every child (servers and clients) so that all of them
 are ended by their process id, also after Ctrl-C.  Servers get their own
@@ -29,6 +35,17 @@ from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = "bench"  # the vault backend's name and prefix (/bench/)
+#: the checkout whose artifact_vault the vault processes run (``--vault-code``)
+VAULT_CODE = ROOT
+
+
+def vault_supports(option: str) -> bool:
+    """Does the vault code being measured know this configuration key? (Older commits lack some.)"""
+    try:
+        with open(os.path.join(VAULT_CODE, "artifact_vault", "config.py"), encoding="utf-8") as f:
+            return f'"{option}"' in f.read()
+    except OSError:
+        return False
 
 
 class BenchError(Exception):
@@ -104,16 +121,20 @@ def http_request(url, method="GET", body=None, headers=None, timeout=10):
         conn.close()
 
 
-def wait_http(url, proc, what, timeout=30.0, log=None):
-    """Wait until `url` answers (any status below 500) while `proc` runs."""
+def wait_http(url, proc, what, timeout=30.0, log=None, ready=None):
+    """Wait until `url` answers (any status below 500), or `ready()` says so, while `proc` runs."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise BenchError(f"{what} exited with status {proc.returncode} before answering{_tail(log)}")
         try:
-            status, _ = http_request(url, timeout=2)
-            if status < 500:
-                return
+            if ready is not None:
+                if ready():
+                    return
+            else:
+                status, _ = http_request(url, timeout=2)
+                if status < 500:
+                    return
         except OSError:
             pass
         if time.monotonic() > deadline:
@@ -204,30 +225,38 @@ def start_upstream(procs: Processes, workdir: str, files_dir: str) -> Upstream:
 # -- the vault --------------------------------------------------------------
 
 
-def vault_config(upstream_url: str, cache_dir: str, port: int, **top) -> dict:
+def vault_config(upstream_url: str, cache_dir: str, port: int, backend_options=None, **top) -> dict:
     return {
         "http_host": "127.0.0.1",
         "http_port": port,
         "cache_dir": cache_dir,
         "log_level": "INFO",  # the default: what a deployment runs with
         "backends": [{"type": "http", "name": BACKEND,
-                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}],
+                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/", **(backend_options or {})}}],
         **top,
     }
 
 
 def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: str, name="vault",
-                port=None, **top) -> Server:
+                port=None, backend_options=None, **top) -> Server:
+    """
+    The vault with one http backend in front of `upstream_url`, its access log
+    on (a file of its own: ``NAME.access.log``, where the code knows
+    ``access_log``; before that, its lines went into the vault's log).
+    """
     port = port or free_port()
+    if vault_supports("access_log"):
+        top.setdefault("access_log", os.path.join(workdir, f"{name}.access.log"))
     config = os.path.join(workdir, f"{name}.yml")
     with open(config, "w") as f:
-        json.dump(vault_config(upstream_url, cache_dir, port, **top), f, indent=1)  # JSON is YAML
+        json.dump(vault_config(upstream_url, cache_dir, port, backend_options, **top), f, indent=1)  # JSON is YAML
     log = os.path.join(workdir, f"{name}.log")
     err = os.path.join(workdir, f"{name}.stderr")
+    env = dict(os.environ, PYTHONPATH=VAULT_CODE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(err, "wb") as out:
         proc = procs.spawn(
             twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "artifact-vault", "--config", config],
-            session=True, cwd=workdir, stdout=subprocess.DEVNULL, stderr=out,
+            session=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -270,45 +299,65 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
+        {tls}
         root {root};
-        location / {{ }}
+        location / {{ {rewrite} }}
     }}
 }}
 """
 
+NGINX_TLS = "ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3;"
 
-def start_nginx(procs: Processes, workdir: str, root: str, binary: str, workers="1") -> Server:
-    folder = os.path.join(workdir, "nginx")
+
+def start_nginx(procs: Processes, workdir: str, root: str, binary: str, workers="1", certs=None,
+                name="nginx") -> Server:
+    """
+    nginx serving `root`; with `certs` (tests/tlsenv.make_certs) over HTTPS as
+    https://localhost:PORT.  ``/rN/PATH`` is served as ``/PATH``, so that
+    every run can ask for a fresh URL of the same file.
+    """
+    folder = os.path.join(workdir, name)
     os.makedirs(folder, exist_ok=True)
     port = free_port()
     # As root, nginx's workers would drop to 'nobody', who cannot read a private temp dir.
     user = "user root;\n" if os.geteuid() == 0 else ""
     conf = os.path.join(folder, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(user=user, workers=workers, dir=folder, port=port, root=root))
+        f.write(NGINX_CONF.format(user=user, workers=workers, dir=folder, port=port, root=root,
+                                  ssl=" ssl" if certs else "", tls=NGINX_TLS.format(**certs) if certs else "",
+                                  rewrite="rewrite ^/r[0-9]+/(.*)$ /$1 break;"))
     err = os.path.join(folder, "error.log")
     with open(os.path.join(folder, "stderr.log"), "wb") as out:
         proc = procs.spawn([binary, "-p", folder, "-c", conf, "-e", err],
                            session=True, stdout=subprocess.DEVNULL, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://localhost:{port}" if certs else f"http://127.0.0.1:{port}"
     try:
-        wait_http(url + "/", proc, "nginx", log=os.path.join(folder, "stderr.log"))
+        wait_http(f"http://127.0.0.1:{port}/", proc, "nginx", log=os.path.join(folder, "stderr.log"),
+                  ready=(lambda: _tls_port_open(port)) if certs else None)
     except BenchError:
         procs.stop(proc)
         raise
-    return Server("nginx", url, proc, err)
+    return Server(name, url, proc, err)
+
+
+def _tls_port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def start_static(procs: Processes, workdir: str, path: str) -> Server:
-    """``twistd web --path``: Twisted's `static.File` in its own process."""
+    """Twisted's `static.File` in its own process, without an access log (``bench/static_nolog.py``)."""
     port = free_port()
     log = os.path.join(workdir, "static.log")
-    with open(os.path.join(workdir, "static.stderr"), "wb") as out:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "wb") as out:
         proc = procs.spawn(
-            twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "web", "--path", path,
-                             "--listen", f"tcp:{port}:interface=127.0.0.1"],
-            session=True, cwd=workdir, stdout=subprocess.DEVNULL, stderr=out,
+            [sys.executable, "-m", "bench.static_nolog", path, str(port)],
+            session=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -317,6 +366,38 @@ def start_static(procs: Processes, workdir: str, path: str) -> Server:
         procs.stop(proc)
         raise
     return Server("twisted static.File", url, proc, log)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a vault and its workers)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, ()))
+    return found
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds of these processes (all their threads), from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def clear_peak_rss(pid: int) -> bool:
