@@ -303,6 +303,11 @@ class _TellingWriter:
         self.download.progressed()
         return behind
 
+    def write_from_pipe(self, pipe: int, count: int) -> bool:
+        behind = self.writer.write_from_pipe(pipe, count)
+        self.download.progressed()
+        return behind
+
     def __getattr__(self, name):
         return getattr(self.writer, name)
 

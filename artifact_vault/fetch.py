@@ -15,11 +15,14 @@ should see.  It knows nothing of the clients waiting for the download.
 """
 
 import errno
+import fcntl
+import os
 import time
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -35,6 +38,7 @@ from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.web.iweb import IAgent
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.client import ResponseDone
@@ -57,6 +61,13 @@ log = VaultLogger()
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines of a long download
 RECEIVE_SIZE = 1024 * 1024  # bytes asked of the socket per read while a body flows
+#: splice(2) moves the body when at least this much of it is left (plain TCP, Content-Length known)
+SPLICE_MIN = 8 * 1024 * 1024
+#: bytes one readiness of the upstream socket may move before other connections get their turn
+SPLICE_PER_READ = 4 * 1024 * 1024
+PIPE_SIZE = 1024 * 1024  # asked for the splice pipe (F_SETPIPE_SZ); the kernel may give less
+SPLICE = hasattr(os, "splice")
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032  # <fcntl.h>, Linux
 
 
 def origin(url: bytes | str) -> tuple:
@@ -312,7 +323,7 @@ class Upstream:
             except BaseException:
                 response.deliverBody(Discard())
                 raise
-            into = _BodyIntoWriter(spec, writer, total, self.reactor, self._fetched_counter(spec.key))
+            into = _BodyIntoWriter(spec, writer, total, self.reactor, self._fetched_counter(spec.key), declared)
             body.append(into)
             response.deliverBody(into)
             return into.verified
@@ -432,14 +443,20 @@ class _BodyIntoWriter(Protocol):
     transport is paused until it catches up.  A silent gap longer than the
     timeout stops the transfer; the end is checked against the announced
     size and the expected sha256.
+
+    A long body with a Content-Length on a plain TCP connection is moved by
+    splice(2) instead (`_Splice`): socket to pipe to file, never through
+    Python; the connection is closed after its last byte.
     """
 
-    def __init__(self, spec, writer, total, reactor, fetched_counter=None):
+    def __init__(self, spec, writer, total, reactor, fetched_counter=None, length=None):
         self.spec = spec
         self.writer = writer
         self.total = total
         self.reactor = reactor
         self.fetched_counter = fetched_counter
+        #: the Content-Length upstream sent (None: chunked or until the end of the connection)
+        self.length = length
         #: fires with the writer once the body is complete and verified, or fails
         self.verified = Deferred()
         self.idle = None
@@ -447,6 +464,9 @@ class _BodyIntoWriter(Protocol):
         self.paused = False
         self.started = self.last_log = time.monotonic()
         self.last_logged_bytes = 0
+        self.ended = False
+        self.splice: _Splice | None = None
+        self._socket = None
 
     def connectionMade(self):
         self.idle = self.reactor.callLater(self.spec.timeout, self._stalled)
@@ -456,30 +476,53 @@ class _BodyIntoWriter(Protocol):
         # wrappers (TLS, connect._OneDelivery), which would keep the assignment for
         # themselves: walk down to the socket.
         socket_transport = getattr(self.transport, "_producer", None)
+        plain = not isinstance(socket_transport, ProtocolWrapper)
         while isinstance(socket_transport, ProtocolWrapper):
             socket_transport = socket_transport.transport
         if hasattr(socket_transport, "bufferSize"):
             socket_transport.bufferSize = RECEIVE_SIZE
+        if plain and SPLICE and isinstance(socket_transport, tcp.Connection) and self.length is not None \
+                and self.length >= SPLICE_MIN:
+            self._socket = socket_transport
+            # once the bytes read with the headers have been delivered (right after this)
+            self.reactor.callLater(0, self._start_splice)
+
+    def _start_splice(self):
+        if self.ended or self.error is not None or self.length - self.writer.size < SPLICE_MIN:
+            return
+        try:
+            self.splice = _Splice(self, self._socket)
+        except OSError:
+            return  # no pipe or descriptor to spare: Twisted goes on reading
+        if not self.paused:
+            self.splice.start()
 
     def dataReceived(self, data):
         if self.error is not None:
             return
-        if self.idle.active():
-            self.idle.reset(self.spec.timeout)
-        if self.fetched_counter is not None:
-            self.fetched_counter.inc(len(data))
         try:
             behind = self.writer.write(data)
         except OSError as e:
             self.stop(storage_error(e, self.spec.key))
             return
+        self._received(len(data), behind)
+
+    def _received(self, count: int, behind: bool):
+        """`count` more bytes are in the writer; `behind`: the hash is far behind."""
+        if self.idle.active():
+            self.idle.reset(self.spec.timeout)
+        if self.fetched_counter is not None:
+            self.fetched_counter.inc(count)
         if self.total is not None and self.writer.size > self.total:
             self.stop(IntegrityError(f"upstream sent more than the {self.total} bytes announced for {self.spec.key}"))
             return
         if behind and not self.paused:
             # The hash thread is behind: let upstream wait rather than the reactor.
             self.paused = True
-            self.transport.pauseProducing()
+            if self.splice is not None:
+                self.splice.pause()
+            else:
+                self.transport.pauseProducing()
             self.writer.drained().addCallbacks(self._resume, self._hash_failed)
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_EVERY:
@@ -492,7 +535,10 @@ class _BodyIntoWriter(Protocol):
     def _resume(self, _):
         if self.paused and self.error is None:
             self.paused = False
-            self.transport.resumeProducing()
+            if self.splice is not None:
+                self.splice.start()
+            else:
+                self.transport.resumeProducing()
 
     def _log_progress(self, now):
         size, total = self.writer.size, self.total
@@ -511,14 +557,26 @@ class _BodyIntoWriter(Protocol):
         """Give up on this body: the error is what the download fails with."""
         if self.error is None:
             self.error = error
-        if self.transport is not None:
+        if self.splice is not None:
+            self.splice.close()
+            self._socket.abortConnection()
+        elif self.transport is not None:
             if self.paused:
                 self.transport.resumeProducing()  # a paused transport would never report its end
             self.transport.stopProducing()
 
     def connectionLost(self, reason):
+        if self.ended:
+            return  # the end of a spliced body, reported already
+        self.ended = True
         if self.idle is not None and self.idle.active():
             self.idle.cancel()
+        if self.splice is not None:
+            if self.error is None and not self.splice.done:
+                self.splice.drain()  # the connection ended: what the kernel still holds is ours
+            self.splice.close()
+            if self.splice.done and self.error is None:
+                reason = Failure(ResponseDone())  # Twisted's parser did not see the bytes we moved
         try:
             self._check_end(reason)
         except VaultError as e:
@@ -542,8 +600,125 @@ class _BodyIntoWriter(Protocol):
         if self.total is not None and size != self.total:
             raise IntegrityError(f"upstream {url} sent {size} bytes, {self.total} were announced")
 
+    def spliced_to_the_end(self):
+        """The splice moved the last byte: end the connection (it is not reused) and the body."""
+        self.splice.close()
+        self._socket.abortConnection()  # Twisted then reports the end: connectionLost
+
     def _verify(self, sha256):
         expected = self.spec.expected_sha256
         if expected is not None and sha256 != expected:
             raise IntegrityError(f"sha256 of {self.spec.key} is {sha256}, upstream announced {expected}")
         return self.writer
+
+
+@implementer(IReadDescriptor)
+class _Splice:
+    """
+    Moves the rest of a body from the upstream socket to the cache file
+    with splice(2) (socket to pipe, pipe to file): the bytes never pass
+    through Python.  It reads from a duplicate of the socket's descriptor,
+    with a reader of its own in the reactor, after Twisted's transport has
+    stopped reading; Twisted's HTTP parser never sees these bytes, so the
+    connection is closed at the end (`_BodyIntoWriter.spliced_to_the_end`).
+    Exactly the announced length is taken: nothing beyond the body.
+    """
+
+    def __init__(self, body: _BodyIntoWriter, transport):
+        self.body = body
+        self.reactor = body.reactor
+        self.fd = os.dup(transport.fileno())
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.close(self.fd)
+            raise
+        try:
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        self.chunk = fcntl.fcntl(self.pipe_w, F_GETPIPE_SZ)
+        transport.stopReading()
+        self.reading = False
+        self.closed = False
+        #: the last byte of the body has been moved
+        self.done = False
+
+    # IReadDescriptor
+    def fileno(self):
+        return -1 if self.closed else self.fd
+
+    def doRead(self):
+        self.move(SPLICE_PER_READ)
+
+    def connectionLost(self, reason):
+        self.close()
+
+    def logPrefix(self):
+        return "upstream body (splice)"
+
+    def start(self):
+        if not self.reading and not self.closed:
+            self.reading = True
+            self.reactor.addReader(self)
+            self.move(SPLICE_PER_READ)  # bytes may be waiting already: the reactor only reports new ones
+
+    def pause(self):
+        if self.reading:
+            self.reading = False
+            self.reactor.removeReader(self)
+
+    def drain(self):
+        """Move what the kernel holds now, however much (the connection is ending)."""
+        self.move(None)
+
+    def move(self, budget):
+        body = self.body
+        writer = body.writer
+        moved = 0
+        end = False
+        while not self.closed and (budget is None or moved < budget):
+            left = body.length - writer.size
+            if left <= 0:
+                end = True
+                break
+            try:
+                n = os.splice(self.fd, self.pipe_w, min(self.chunk, left), flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                body.stop(UpstreamUnavailable(f"upstream {safe_url(body.spec.url)} broke off after {writer.size}"
+                                              f" bytes ({e.strerror})"))
+                return
+            if n == 0:  # upstream closed before the end: Twisted reports it once we let go
+                self.close()
+                body._socket.abortConnection()
+                return
+            try:
+                behind = writer.write_from_pipe(self.pipe_r, n)
+            except OSError as e:
+                body.stop(storage_error(e, body.spec.key))
+                return
+            moved += n
+            if behind:
+                body._received(moved, True)
+                return
+        if moved:
+            body._received(moved, False)
+        if end or (not self.closed and body.length - writer.size <= 0):
+            self.done = True
+            if not body.ended and body.error is None:
+                body.spliced_to_the_end()
+
+    def close(self):
+        if self.closed:
+            return
+        if self.reading:
+            self.reading = False
+            self.reactor.removeReader(self)
+        self.closed = True
+        for fd in (self.fd, self.pipe_r, self.pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -559,7 +559,23 @@ class CacheWriter:
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
-        self.size += len(data)
+        return self._wrote(len(data))
+
+    def write_from_pipe(self, pipe: int, count: int) -> bool:
+        """
+        Move `count` bytes waiting in `pipe` to the file with splice(2), so that
+        they never pass through Python; otherwise as `write`.
+        """
+        left = count
+        while left:
+            n = os.splice(pipe, self.fd, left)
+            if n == 0:
+                raise OSError(errno.EIO, "the pipe ran dry before the bytes it held were written")
+            left -= n
+        return self._wrote(count)
+
+    def _wrote(self, count: int) -> bool:
+        self.size += count
         self._hash.advance(self.size)
         if self.size - self._written_back >= WRITEBACK_EVERY and not self._writing_back and _SYNC_FILE_RANGE:
             self._write_back()
