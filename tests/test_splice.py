@@ -124,7 +124,7 @@ async def test_a_body_that_stalls_during_the_splice_times_out(vault_factory, ups
 
 @pytest_twisted.ensureDeferred
 async def test_the_hash_falling_behind_pauses_the_splice(vault_factory, upstream, http, splices, monkeypatch):
-    monkeypatch.setattr(store, "HASH_BACKLOG", 256 * 1024)
+    monkeypatch.setattr(store, "HASH_BACKLOG", 16 * 1024)  # less than any pipe the kernel gives
     paused = []
     original = fetch._Splice.pause
     monkeypatch.setattr(fetch._Splice, "pause", lambda self: (paused.append(1), original(self)))
