@@ -138,7 +138,50 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
         },
         {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
     ),
+    "oci": (
+        {
+            # The name clients use for this upstream (docker.io, ghcr.io, registry.example.org:5000):
+            # ?ns=<registry> and /v2/<registry>/<name>/... pick this backend.
+            "registry": Option(str, None, lambda v: _registry_name(v), required=True),
+            # Serves the /v2/<name>/... requests that name no registry (one backend at most).
+            "default": Option(bool, False),
+            # The upstream login, for the token flow or Basic auth (default: anonymous).
+            "username": Option(str, ""),
+            "password": Option(str, ""),
+            # How long a tag -> digest answer is reused without asking upstream (seconds).
+            "tag_ttl": Option((int, float), 300, lambda v: None if v >= 0 else "must be 0 or more"),
+            # How long to wait for upstream when a kept answer could serve instead (seconds).
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {},
+    ),
 }
+
+_REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$")
+
+
+def _registry_name(value):
+    if not _REGISTRY.match(value) or len(value) > 253:
+        return "must be a registry host name in lower case, with an optional :port (e.g. docker.io, ghcr.io)"
+    return None
+
+
+def _check_together(backends) -> None:
+    """What no single backend can check: registries and the default of the oci backends."""
+    seen, default = {}, None
+    for i, b in enumerate(backends):
+        if b.type != "oci":
+            continue
+        registry = b.options["registry"]
+        if registry in seen:
+            raise ConfigError(f"backends[{i}].config.registry",
+                              f"{registry} is already served by backends[{seen[registry]}]")
+        seen[registry] = i
+        if b.options["default"]:
+            if default is not None:
+                raise ConfigError(f"backends[{i}].config.default",
+                                  f"only one oci backend may be the default (backends[{default}] is)")
+            default = i
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
              "admin_token", "allowed_hosts", "backends"}
@@ -216,6 +259,8 @@ def _interpolate_tree(node, key, environ):
 
 def _typed(value, option: Option, key: str):
     kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    if bool in kinds and isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        value = _BOOLEANS[value.strip().lower()]  # from ${ENV}
     if isinstance(value, bool) and bool not in kinds:
         raise ConfigError(key, f"must be {_kind_name(kinds)}, not a boolean")
     if isinstance(value, str) and str not in kinds and (int in kinds or float in kinds):
@@ -233,8 +278,11 @@ def _typed(value, option: Option, key: str):
     return value
 
 
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _kind_name(kinds):
-    names = {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
+    names = {bool: "true or false", str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -346,6 +394,7 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
             if other.name == b.name:
                 raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
         backends.append(b)
+    _check_together(backends)
     cap = document.get("max_cache_size")
     cap = parse_size(cap, "max_cache_size") if cap is not None else None
     admin = document.get("admin_token") or None

@@ -17,7 +17,7 @@ from twisted.internet.defer import DeferredList
 
 from . import logs
 from .admin import admin_pages
-from .backends import backend_class
+from .backends import backend_class, routers
 from .downloads import Downloads
 from .fetch import Upstream
 from .janitor import Janitor
@@ -68,7 +68,7 @@ def assemble(config, reactor) -> Machinery:
         b"status.json": StatusJson(m),
         b"admin": admin_pages(m),
     })
-    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens)
+    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens, routers(m.backends))
     m.site = make_site(m.root, reactor)
     return m
 

@@ -9,6 +9,8 @@ Every request first passes the root's checks: the Host header against
 (``/_vault/health`` needs neither).
 """
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import json
@@ -18,6 +20,7 @@ import time
 
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -39,6 +42,9 @@ class VaultRequest(Request):
         self.backend: str | None = None
         #: how the cache answered: hit, miss, joined, stale, forwarded (or None)
         self.outcome: str | None = None
+        #: ``error_page(error) -> (content_type, body)``: the form of this request's error
+        #: answers, where its clients expect one of their own (a registry's JSON errors)
+        self.error_page = None
 
     @property
     def disconnected(self) -> bool:
@@ -78,8 +84,12 @@ def respond_error(failure, request, what="request", metrics=None):
         return None
     for name in (b"etag", b"last-modified", b"accept-ranges", b"content-range", b"content-encoding"):
         request.responseHeaders.removeHeader(name)
-    send_small(request, b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace"),
-               error.status, error.headers)
+    error_page = getattr(request, "error_page", None)
+    if error_page is not None:
+        content_type, body = error_page(error)
+    else:
+        content_type, body = b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace")
+    send_small(request, content_type, body, error.status, error.headers)
     return None
 
 
@@ -201,22 +211,31 @@ class VaultRoot(Resource):
 
     def getChildWithDefault(self, name, request):
         path = request.path
-        if path != b"/_vault/health":
-            if not self.hosts.allows(request.getHeader(b"host")):
-                return ErrorPage(VaultError(
-                    "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
-                    "request for another host")
-            if not self.client_allowed(request):
-                return ErrorPage(VaultError(
-                    "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
-                    {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+        if path != b"/_vault/health" and not self.hosts.allows(request.getHeader(b"host")):
+            return ErrorPage(VaultError(
+                "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
+                "request for another host")
+        resource = self.route(name, request)
+        if path != b"/_vault/health" and not self.client_allowed(request):
+            # the resource may say how its clients are asked for the token (a registry asks
+            # docker and containerd for Basic credentials: they send none unchallenged)
+            refuse = getattr(resource, "unauthorized", None)
+            if refuse is not None:
+                return refuse(request)
+            return ErrorPage(VaultError(
+                "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
+                {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+        return resource
+
+    def route(self, name, request) -> Resource:
+        """The resource that answers `request` (nothing is answered or checked yet)."""
         for router in self.routers:
             resource = router.route(request)
             if resource is not None:
                 return resource
         if name == b"_vault":
             return self.pages
-        backend = self.backend_for(path)
+        backend = self.backend_for(request.path)
         if backend is None:
             return ErrorPage(NotFound("no backend is configured for this path"))
         # the prefix's other segments are the backend's, not its path's
@@ -238,9 +257,11 @@ class VaultRoot(Resource):
     def client_allowed(self, request) -> bool:
         """
         With ``access_tokens`` set, a client must present one: as
-        ``X-Vault-Token: T``, or as ``Authorization: Bearer T`` (what HF_TOKEN=T
-        makes huggingface_hub send).  A vault token in Authorization is taken
-        off the request, so that it never travels upstream.
+        ``X-Vault-Token: T``, as ``Authorization: Bearer T`` (what HF_TOKEN=T
+        makes huggingface_hub send), or as the password of Basic auth with any
+        user name (what docker, containerd, podman and pip send for a
+        ``user:T`` login).  A vault token in Authorization is taken off the
+        request, so that it never travels upstream.
         """
         if not self.access_tokens:
             return True
@@ -248,13 +269,26 @@ class VaultRoot(Resource):
         request.requestHeaders.removeHeader(b"x-vault-token")
         auth = request.getHeader(b"authorization") or b""
         scheme, _, token = auth.partition(b" ")
-        in_authorization = scheme.lower() == b"bearer" and self._is_vault_token(token.strip())
+        scheme, token = scheme.lower(), token.strip()
+        if scheme == b"basic":
+            token = _basic_password(token)
+        in_authorization = scheme in (b"bearer", b"basic") and token is not None and self._is_vault_token(token)
         if in_authorization:
             request.requestHeaders.removeHeader(b"authorization")
         return in_authorization or (presented is not None and self._is_vault_token(presented))
 
     def _is_vault_token(self, token: bytes) -> bool:
         return any(hmac.compare_digest(token, t) for t in self.access_tokens)
+
+
+def _basic_password(credentials: bytes) -> bytes | None:
+    """The password of Basic credentials (base64 of ``user:password``), or None."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    _, colon, password = decoded.partition(b":")
+    return password if colon else None
 
 
 class VaultPages(Resource):
@@ -352,7 +386,34 @@ def _escape(value: bytes) -> str:
     return "".join(c if 32 <= ord(c) < 127 and c != '"' else "\\x%02x" % ord(c) for c in text)
 
 
+class VaultChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel that answers a TLS ClientHello at once.  Clients told
+    that a plain-HTTP server is "insecure" (skopeo and podman with
+    --tls-verify=false, docker's insecure-registries, containerd's
+    skip_verify) try HTTPS first and fall back to HTTP on an error; a server
+    that says nothing to the handshake costs each of them its TLS handshake
+    timeout (10 s in skopeo) on every connection.  Go's servers answer such
+    a connection with a plain 400 and close it, which makes the fallback
+    immediate; so does the vault.
+    """
+
+    _first = True
+
+    def dataReceived(self, data):
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and data[1:2] in (b"", b"\x03"):  # a TLS handshake record
+                self.transport.write(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                                     b"Connection: close\r\n\r\n"
+                                     b"Client sent an HTTPS request to an HTTP server.\n")
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
 def make_site(root, reactor) -> Site:
     site = Site(root, requestFactory=VaultRequest, reactor=reactor, logFormatter=access_log_line)
+    site.protocol = VaultChannel
     site.displayTracebacks = False
     return site

@@ -87,15 +87,16 @@ class Backend(Resource):
         method = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
         return method(request) if method is not None else self._dispatch(request)
 
-    def _dispatch(self, request):
+    def _dispatch(self, request, subpath: bytes | None = None):
+        """Answer `request` through `handle`; `subpath` defaults to the path below the prefix."""
         request.backend = self.name
         for name, value in CONTENT_HEADERS:
             request.setHeader(name, value)
         metrics = self.machinery.metrics
         if metrics is not None:
             request.notifyFinish().addBoth(lambda _: metrics.count_answer(request))
-        prefix = self.config.prefix.encode("ascii")
-        subpath = request.path[len(prefix):]
+        if subpath is None:
+            subpath = request.path[len(self.config.prefix.encode("ascii")):]
         what = f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
         return answer(request, lambda: self.handle(request, subpath), what, metrics)
 
