@@ -61,6 +61,7 @@ ERROR_BODY_LIMIT = 64 * 1024
 PAGES_KEPT = 4096
 #: manifests fetched lately, served by digest while their store entry is being written
 RECENT_MANIFESTS = 256
+RECENT_BODY_LIMIT = 256 * 1024
 REDIRECTS = (301, 302, 303, 307, 308)
 _QUERY_VALUE = re.compile(r"^[\x21-\x7e]{0,1024}$")
 
@@ -256,7 +257,8 @@ class OciBackend(Backend):
 
     def remember_manifest(self, name: str, digest: str, media: str, body: bytes) -> None:
         """Keep a manifest's bytes by digest (once for every registry), and note what it shows for `name`."""
-        self._recent[digest] = (body, media)
+        if len(body) <= RECENT_BODY_LIMIT:
+            self._recent[digest] = (body, media)
         entry = self.store.lookup(blob_key(digest))
         if entry is None or not entry.meta.get("manifest"):
             self.store.write_later(blob_key(digest), body,

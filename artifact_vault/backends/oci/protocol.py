@@ -139,18 +139,19 @@ def _reference(raw: bytes, kind: str) -> str:
         text = ""
     if kind == "manifests" and TAG.match(text):
         return text
-    return check_digest(text)
+    return check_digest(text, tag_allowed=kind == "manifests")
 
 
-def check_digest(text: str) -> str:
+def check_digest(text: str, tag_allowed: bool = False) -> str:
     """A ``sha256:<64 hex>`` digest, or the registry's 400: other algorithms cannot be verified here."""
     if DIGEST.match(text):
         return text
     if _ANY_DIGEST.match(text) and len(text) < 200 and not text.startswith("sha256:"):
         raise bad_request("DIGEST_INVALID", f"unsupported digest algorithm {text.split(':')[0]!r}: "
                                             "the vault verifies sha256 digests only")
-    raise bad_request("DIGEST_INVALID" if ":" in text else "TAG_INVALID",
-                      f"invalid reference {text[:100]!r}: a tag or a sha256:<64 hex digits> digest")
+    if tag_allowed and ":" not in text:
+        raise bad_request("TAG_INVALID", f"invalid tag {text[:100]!r}")
+    raise bad_request("DIGEST_INVALID", f"invalid digest {text[:100]!r}: sha256:<64 lower-case hex digits>")
 
 
 def read_only(what: str) -> RegistryError:

@@ -25,13 +25,13 @@ from twisted.internet.threads import deferToThread
 from ...bounded import LRU
 from ...freshness import Coalescer
 from ...logs import VaultLogger
-from ...store import META_SUFFIX, TEMP_SUFFIX
+from ...store import META_SUFFIX, Entry
 
 log = VaultLogger()
 
 #: repositories whose digests are held in memory
 REPOSITORIES_KEPT = 4096
-#: records read back per repository (the newest first beyond that)
+#: records read back per repository
 RECORDS_READ = 10_000
 
 
@@ -54,7 +54,10 @@ class ShownDigests:
         return self._loading.share(repository, lambda: deferToThread(self._read, repository).addCallback(
             self._loaded, repository))
 
-    def _loaded(self, found: dict, repository: str) -> dict:
+    def _loaded(self, read: tuple, repository: str) -> dict:
+        found, paths = read
+        for key, path in paths:  # records in use stay, like the blobs they open
+            self.store.touch(Entry(key, path, {}))
         current = self._memory.get(repository)
         if current is not None:  # shown meanwhile
             found.update({d: s for d, s in current.items() if found.get(d) is None})
@@ -92,20 +95,21 @@ class ShownDigests:
     def _record_key(self, repository: str, shown_by: str) -> str:
         return f"{self.folder_key(repository)}/{shown_by.split(':', 1)[1]}"
 
-    def _read(self, repository: str) -> dict:  # in a thread
-        folder = self.store.path_for(self.folder_key(repository))
+    def _read(self, repository: str) -> tuple:  # in a thread: no store state touched here
+        folder_key = self.folder_key(repository)
+        folder = self.store.path_for(folder_key)
         found: dict = {}
+        paths = []
         try:
             names = os.listdir(folder)
         except OSError:
-            return found
-        names = [n for n in names if not n.endswith((META_SUFFIX, TEMP_SUFFIX)) and len(n) == 64]
+            return found, paths
+        present = set(names)
+        names = sorted(n for n in present if len(n) == 64 and n + META_SUFFIX in present)
         for name in names[:RECORDS_READ]:
-            entry = self.store.lookup(f"{self.folder_key(repository)}/{name}")
-            if entry is None:
-                continue
+            path = os.path.join(folder, name)
             try:
-                with open(entry.path, "rb") as f:
+                with open(path, "rb") as f:
                     document = json.load(f)
             except (OSError, ValueError):
                 continue
@@ -114,5 +118,5 @@ class ShownDigests:
                     if isinstance(digest, str) and (size is None or isinstance(size, int)):
                         if found.get(digest) is None:
                             found[digest] = size
-            self.store.touch(entry)
-        return found
+            paths.append((f"{folder_key}/{name}", path))
+        return found, paths
