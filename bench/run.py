@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from . import clients, rps
 from .data import config_json, make_big_file, write_small
 from .machine import header_lines
+from .registry import Skopeo, have_skopeo, skopeo_version, start_registry
 from .services import (
     BACKEND,
     BenchError,
@@ -58,7 +59,15 @@ TARGETS = {
     5: "1 GET; ≤ 1.2×",
     6: "< 100 MiB",
     7: "≥ 1.7×",
+    8: "≥ 1.0",
+    9: "≥ 0.8",
+    10: "< 100 MiB",
 }
+
+#: the oci backend of the benchmark vault, its registry, and the image of each OCI row
+OCI_BACKEND = "registry"
+COPY_IMAGE = "bench/copy"  # row 8: warm skopeo copy
+HUGE_IMAGE = "bench/huge"  # row 10: a cold layer streamed to many clients
 
 
 @dataclass(frozen=True)
@@ -75,13 +84,16 @@ class Plan:
     clients5: int
     origin_rate: float  # bytes/s the origin sends the test-5 file at
     huge: int  # the file of test 6
+    layer8: int  # the layer of the image that test 8 copies
+    layer10: int  # the layer that test 10 streams
+    clients10: int
 
 
 # Test 5's origin is throttled so that what 64 clients draw together (64 × ~9 MB/s) stays well
 # under what this machine serves to many clients (test 2): the figure then shows what
 # coalescing costs, not the serving bandwidth that test 2 already measures.
-FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB)
-SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB)
+FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB, GiB, 2 * GiB, 8)
+SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, 8 * MiB, 32 * MiB, 8)
 
 
 @dataclass
@@ -142,6 +154,10 @@ class Bench:
         self.big_names = [f"{chr(ord('A') + i)}.bin" for i in range(plan.files2)]
         self.rows: dict[int, Row] = {}
         self.failed = False
+        self.registry = None
+        self.images: dict = {}
+        self.skopeo = None
+        self.oci_backends: list = []
 
     # -- plumbing -----------------------------------------------------------
 
@@ -187,6 +203,8 @@ class Bench:
         need = sum(size for name, size, _ in wanted if not _same_size(self.src(name), size))
         # sources + the vault's copies + test 4's extra misses and direct downloads
         budget = need + 2 * p.files2 * p.big + (2 * p.runs + 1) * p.big + (2 * p.runs + 1) * p.slow_size + p.huge
+        # the OCI rows: layers, the registry's copies, the vault's, one skopeo copy at a time
+        budget += 4 * (p.layer8 + p.layer10)
         free = shutil.disk_usage(self.workdir).free
         if free < budget:
             raise BenchError(f"not enough disk space in {self.workdir}: {free / GiB:.1f} GiB free, "
@@ -203,8 +221,19 @@ class Bench:
             self.upstream.add(f"/big/{name}", self.src(name))
         self.upstream.add("/huge/huge.bin", self.src("huge.bin"))
         self.upstream.add("/small/config.json", self.src("config.json"), content_type="application/json")
+        self.say("starting the registry of the OCI rows (pushing its images)")
+        if have_skopeo():
+            self.skopeo = Skopeo(self.procs, os.path.join(self.workdir, "skopeo-home"))
+        self.registry, self.images = start_registry(
+            self.procs, self.workdir, {COPY_IMAGE: (p.layer8, 80), HUGE_IMAGE: (p.layer10, 81)}, self.data_dir,
+            self.skopeo)
+        self.say(f"  {self.registry.kind} at {self.registry.url}")
+        self.oci_backends = [{"type": "oci", "name": OCI_BACKEND,
+                              "config": {"registry": "registry.bench", "base_url": self.registry.url,
+                                         "default": True}}]
         self.say(f"starting the vault (cache {self.cache_dir})")
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir,
+                                 backends=self.oci_backends)
 
     def start_nginx(self):
         if self.nginx is None and self.nginx_bin:
@@ -396,7 +425,8 @@ class Bench:
             return memory_status(self.vault.pid)["VmRSS"], "clear_refs"
         port = self.vault.extra["port"]
         self.procs.stop(self.vault.proc)
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port,
+                                 backends=self.oci_backends)
         return memory_status(self.vault.pid)["VmRSS"], "restart"
 
     def test_memory(self) -> Row:
@@ -435,6 +465,85 @@ class Bench:
         row.figure, row.result = f"{ratio:.2f}×", verdict(ratio >= 1.7)
         return row
 
+    # -- the OCI rows -----------------------------------------------------------
+
+    def vault_ref(self, name: str) -> str:
+        return f"{self.vault.url[len('http://'):]}/{name}:1.0"
+
+    def test_oci_copy(self) -> Row:
+        """8: a warm skopeo copy through the vault vs straight from the registry (throughput ratio)."""
+        p = self.plan
+        size = self.images[COPY_IMAGE]["size"]
+        row = Row(8, f"OCI: warm `skopeo copy` of an image with a {size_text(p.layer8)} layer: vault vs the "
+                     f"registry directly ({self.registry.kind})")
+        if self.skopeo is None:
+            row.figure, row.result = "skopeo not installed", "n/a"
+            return row
+        out = os.path.join(self.workdir, "skopeo-out")
+        self.say(f"  priming {COPY_IMAGE} through the vault")
+        self.skopeo.copy(self.vault_ref(COPY_IMAGE), out)
+        direct_ref = f"{self.registry.host}/{COPY_IMAGE}:1.0"
+        self.skopeo.copy(direct_ref, out)  # the registry's files into the page cache too
+        v_times, d_times, ratios = self.paired(
+            lambda: self.skopeo.copy(self.vault_ref(COPY_IMAGE), out),
+            lambda: self.skopeo.copy(direct_ref, out),
+            lambda v, d: f"vault {v:.2f} s ({rate_text(size / v)}), registry {d:.2f} s ({rate_text(size / d)})")
+        ratio = median([d / v for v, d in zip(v_times, d_times)])
+        row.vault = f"{median(v_times):.2f} s ({rate_text(size / median(v_times))})"
+        row.reference = f"{median(d_times):.2f} s ({rate_text(size / median(d_times))})"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 1.0)
+        return row
+
+    def test_oci_manifest_rps(self) -> Row:
+        """9: warm manifest HEADs by tag per second vs the small-file hit rate of row 3."""
+        p = self.plan
+        row = Row(9, f"OCI: warm manifest HEAD by tag at {p.rps_connections} connections: requests/s vs the "
+                     f"small-file hit rate (row 3's HEAD+GET of config.json)")
+        self.prime("small/config.json", 700)
+        manifest_url = f"{self.vault.url}/v2/{COPY_IMAGE}/manifests/1.0"
+        accept = ("Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+                  "application/vnd.docker.distribution.manifest.list.v2+json, "
+                  "application/vnd.docker.distribution.manifest.v2+json")
+        status, _ = http_get(manifest_url, "HEAD", accept)
+        if status != 200:
+            raise BenchError(f"HEAD {manifest_url} answered {status}")
+
+        def manifests():
+            got = rps.measure(manifest_url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes,
+                              self.procs, head_only=True, headers=[accept])
+            if got["errors"] or not got["ok"]:
+                raise BenchError(f"{manifest_url}: {got['errors']} failed requests, answers {got['statuses']}")
+            return got["rps"]
+
+        small_url = f"{self.vault.url}/{BACKEND}/small/config.json"
+        m_rps, s_rps, ratios = self.paired(manifests, lambda: self.rps(small_url),
+                                           lambda m, s: f"manifest HEAD {m:,.0f} req/s, small file {s:,.0f} req/s")
+        ratio = median(ratios)
+        row.vault, row.reference = f"{median(m_rps):,.0f} req/s", f"{median(s_rps):,.0f} req/s (small-file hits)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.8)
+        return row
+
+    def test_oci_memory(self) -> Row:
+        """10: peak RSS of the vault while a cold layer streams to many clients at once."""
+        p = self.plan
+        info = self.images[HUGE_IMAGE]
+        row = Row(10, f"OCI: peak resident memory (VmHWM) of the vault while a cold {size_text(p.layer10)} layer "
+                      f"streams to {p.clients10} clients")
+        status, _ = http_get(f"{self.vault.url}/v2/{HUGE_IMAGE}/manifests/1.0", "GET", "Accept: */*")
+        if status != 200:
+            raise BenchError(f"the manifest of {HUGE_IMAGE} answered {status}")
+        base, how = self.reset_peak()
+        url = f"{self.vault.url}/v2/{HUGE_IMAGE}/blobs/{info['layer']}"
+        wall, _ = clients.run_clients(self.procs, [url] * p.clients10, info["size"])
+        peak = memory_status(self.vault.pid)["VmHWM"]
+        self.say(f"  {p.clients10} clients in {wall:.1f} s: peak {peak / MiB:.1f} MiB "
+                 f"(from {base / MiB:.1f} MiB, {how})")
+        row.vault = f"{peak / MiB:.1f} MiB; all done in {wall:.1f} s"
+        row.reference = f"before: {base / MiB:.1f} MiB"
+        row.figure = f"{peak / MiB:.0f} MiB"
+        row.result = verdict(peak < 100 * MiB)
+        return row
+
     # -- the run ---------------------------------------------------------------
 
     def attempt(self, num: int, what: str, fn):
@@ -465,11 +574,21 @@ class Bench:
         self.attempt(5, "coalescing concurrent cold requests", self.test_coalesce)
         self.attempt(6, "peak memory while streaming", self.test_memory)
         self.attempt(7, "two processes vs one", self.test_processes)
+        self.attempt(8, "OCI: warm skopeo copy, vault vs registry", self.test_oci_copy)
+        self.attempt(9, "OCI: warm manifest HEADs per second", self.test_oci_manifest_rps)
+        self.attempt(10, "OCI: peak memory while a layer streams to many clients", self.test_oci_memory)
         for num, target in TARGETS.items():
             self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
 
     def close(self):
         self.procs.stop_all()
+
+
+def http_get(url: str, method: str, header: str) -> tuple:
+    from .services import http_request
+
+    name, _, value = header.partition(":")
+    return http_request(url, method, headers={name.strip(): value.strip()})
 
 
 def _same_size(path, size):
@@ -538,6 +657,8 @@ def main(argv=None) -> int:
             f"keep-alive, HEAD and GET alternating)",
             load_at_start,
         )
+        if bench.registry is not None:
+            header.append(f"- OCI rows: {bench.registry.kind} as the registry, skopeo {skopeo_version()}")
         text = "\n".join(header + [""] + table(bench.rows[n] for n in sorted(bench.rows))) + "\n"
         sys.stdout.write("\n" + text)
         sys.stdout.flush()

@@ -204,30 +204,33 @@ def start_upstream(procs: Processes, workdir: str, files_dir: str) -> Upstream:
 # -- the vault --------------------------------------------------------------
 
 
-def vault_config(upstream_url: str, cache_dir: str, port: int, **top) -> dict:
+def vault_config(upstream_url: str, cache_dir: str, port: int, backends=(), **top) -> dict:
     return {
         "http_host": "127.0.0.1",
         "http_port": port,
         "cache_dir": cache_dir,
         "log_level": "INFO",  # the default: what a deployment runs with
         "backends": [{"type": "http", "name": BACKEND,
-                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}],
+                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}, *backends],
         **top,
     }
 
 
 def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: str, name="vault",
-                port=None, **top) -> Server:
+                port=None, backends=(), **top) -> Server:
+    """The vault with the /bench/ backend in front of `upstream_url`, and `backends` besides."""
     port = port or free_port()
     config = os.path.join(workdir, f"{name}.yml")
     with open(config, "w") as f:
-        json.dump(vault_config(upstream_url, cache_dir, port, **top), f, indent=1)  # JSON is YAML
+        json.dump(vault_config(upstream_url, cache_dir, port, backends, **top), f, indent=1)  # JSON is YAML
     log = os.path.join(workdir, f"{name}.log")
     err = os.path.join(workdir, f"{name}.stderr")
+    # the vault of this checkout (as the tests run it), whatever copy is installed
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(err, "wb") as out:
         proc = procs.spawn(
             twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "artifact-vault", "--config", config],
-            session=True, cwd=workdir, stdout=subprocess.DEVNULL, stderr=out,
+            session=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
