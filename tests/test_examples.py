@@ -52,10 +52,15 @@ def test_sample_config_validates_with_and_without_hf_token():
     path = os.path.join(ETC, "config.yml")
     without = load(path, environ={})
     with_token = load(path, environ={"HF_TOKEN": "hf_example", "VAULT_ACCESS_TOKENS": "vault-token-1,vault-token-2",
-                                     "VAULT_ADMIN_TOKEN": "admin-token-0123456789"})
+                                     "VAULT_ADMIN_TOKEN": "admin-token-0123456789", "DOCKERHUB_USER": "someone",
+                                     "DOCKERHUB_TOKEN": "dckr_pat_example"})
     for config in (without, with_token):
         assert config.cache_dir == CACHE_DIR
-        assert [(b.type, b.prefix) for b in config.backends] == [("huggingface", "/huggingface/"), ("http", "/files/")]
+        assert [(b.type, b.prefix) for b in config.backends] == [
+            ("huggingface", "/huggingface/"), ("http", "/files/"), ("oci", "/ghcr/"), ("oci", "/dockerhub/")]
+        assert [b.options["registry"] for b in config.backends[2:]] == ["ghcr.io", "docker.io"]
+    assert without.backends[3].options["username"] == "" and without.backends[3].options["password"] == ""
+    assert with_token.backends[3].options["password"] == "dckr_pat_example"
     assert without.backends[0].options["token"] == ""
     assert with_token.backends[0].options["token"] == "hf_example"
     assert with_token.backends[1].base_url == "https://example.org/files"

@@ -353,8 +353,8 @@ class OciBackend(Backend):
         if last is not None and not TAG.match(last):
             raise RegistryError("TAG_INVALID", "last must be a tag", 400)
         query = urlencode([(k, v) for k, v in (("n", n), ("last", last)) if v is not None])
-        # a continuation page is kept only when the vault handed out its link (made-up pages are only relayed)
-        keepable = last is None or (name, n, last) in self._next_pages
+        # kept: the first page, and the pages whose links the vault handed out (made-up ones are only relayed)
+        keepable = (n is None and last is None) or (name, n, last) in self._next_pages
         key = f"{self.name}/r/{name}/_tags-list/{hashlib.sha256(query.encode()).hexdigest()[:32]}"
         url = self.url(name, "tags", "list") + (f"?{query}" if query else "")
         answer = yield self.kept_listing(request, key, name, url, keepable, f"{self.registry}/{name} tags")
