@@ -123,6 +123,7 @@ async def test_pull_by_tag_and_digest_then_from_the_cache(rig, vault_factory, tm
     await in_thread(skopeo_copy, f"docker://{host(v)}/small:1.0", tmp_path / "again2", home=home)
     assert len(blob_gets(reg)) == len(small.blobs)
     assert reg.token_requests == 1
+    assert [r["status"] for r in reg.requests if r["path"] == "/v2/"] == [401]  # one probe for the realm
 
     # the path-prefixed form names the second registry; the same blobs are not fetched again
     ghcr_small = ghcr.manifest("library/small", "1.0")

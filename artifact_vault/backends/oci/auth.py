@@ -70,6 +70,8 @@ class RegistryAuth:
         self.challenge = None
         self._getting = Coalescer()
         self._warned_realm = False
+        #: the registry answered the probe (asking nothing, or naming its scheme)
+        self.probed = False
 
     def has_login(self) -> bool:
         return bool(self.username or self.password)
@@ -83,7 +85,7 @@ class RegistryAuth:
         `scope` ({} while the registry has asked for nothing), and whether a
         token was fetched just now for it.
         """
-        if self.challenge is None:
+        if self.challenge is None and not self.probed:
             yield self.probe(timeout)
         if self.challenge is None:
             return {}, False
@@ -144,7 +146,8 @@ class RegistryAuth:
         Learn what the registry asks for before the first request of this
         process that needs it (``GET /v2/``, its 401 names the realm): a
         blob's download is one plain GET that cannot answer a challenge.
-        Never fails; asked again until an answer comes.
+        Never fails; asked again until an answer comes, then never (a later
+        challenge is learned from the 401 that carries it).
         """
         def ask():
             d = self.backend.request_upstream("GET", self.backend.config.base_url + "/v2/", timeout=timeout)
@@ -154,6 +157,7 @@ class RegistryAuth:
 
     def _probed(self, response):
         response.deliverBody(Discard())
+        self.probed = True
         values = response.headers.getRawHeaders(b"www-authenticate") or []
         challenge = parse_challenge(values[0].decode("latin-1")) if response.code == 401 and values else None
         if challenge is None or self.challenge is not None:
