@@ -259,6 +259,13 @@ async def test_token_flow_login_expiry_and_private_repositories(rig, vault_facto
                                             {"Accept": ALL_TYPES})
     assert status == 401 and "www-authenticate" not in headers and error_code(body) == "UNAUTHORIZED"
     assert PASSWORD.encode() not in body and b"fake-" not in body
+    # a token server that fails is the registry failing: the kept tag serves (the token above expired)
+    reg.fault("down5xx", server="token")
+    await sleep(1.2)
+    assert (await in_thread(skopeo_inspect, f"docker://{host(v)}/acme/private:1.0", raw=True, home=home)) \
+        == private.body
+    assert "Answering docker.io/acme/private:1.0 from the cache" in logged.text()
+    reg.clear_faults()
     tokens_issued = list(reg.tokens)
     assert tokens_issued and not any(t in logged.text() for t in tokens_issued) and PASSWORD not in logged.text()
 

@@ -26,11 +26,10 @@ from urllib.parse import urlencode, urlsplit
 from twisted.internet.defer import inlineCallbacks
 
 from ...bounded import LRU
-from ...errors import UpstreamUnavailable, safe_url
-from ...fetch import Discard, read_body
+from ...errors import UpstreamStatus, UpstreamUnavailable, safe_url
+from ...fetch import Discard, error_headers, read_body
 from ...freshness import Coalescer
 from ...logs import VaultLogger
-from .protocol import RegistryError
 
 log = VaultLogger()
 
@@ -204,13 +203,12 @@ class RegistryAuth:
         body = yield read_body(response, TOKEN_ANSWER_LIMIT, truncate=response.code != 200, timeout=timeout,
                                clock=self.backend.machinery.reactor)
         if response.code != 200:
-            retry_after = response.headers.getRawHeaders(b"retry-after")
-            if response.code == 429:
-                raise RegistryError("TOOMANYREQUESTS", "the registry's token server answered 429", 429,
-                                    {"Retry-After": retry_after[0].decode("latin-1")} if retry_after else {})
+            # the registry cannot be used now, as if it answered so itself: kept answers serve meanwhile
+            if response.code == 429 or response.code >= 500:
+                raise UpstreamStatus(response.code, realm, error_headers(response))
             refused = " (it refused the vault's login)" if response.code in (401, 403) and headers else ""
-            raise RegistryError("UNAVAILABLE", f"the registry's token server {safe_url(realm)} answered "
-                                               f"{response.code}{refused}", 502)
+            raise UpstreamUnavailable(f"the registry's token server {safe_url(realm)} answered "
+                                      f"{response.code}{refused}")
         try:
             document = json.loads(body)
         except ValueError:
