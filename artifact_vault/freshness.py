@@ -186,6 +186,13 @@ class KeptAnswers:
         self._remember(key, answer)
         return answer
 
+    def fresh(self, key: str, ttl: float) -> Answer | None:
+        """The kept answer for `key` if it is younger than `ttl` (what `get` would give without asking), else None."""
+        kept = self.peek(key)
+        if kept is not None and kept.age(self.clock()) < ttl:
+            return kept
+        return None
+
     def _remember(self, key: str, answer: Answer) -> None:
         if len(answer.body) <= self.MEMORY_BODY_LIMIT:
             self._memory[key] = answer

@@ -133,8 +133,25 @@ class OciBackend(Backend):
 
     # -- manifests -----------------------------------------------------------------
 
-    @inlineCallbacks
     def manifest(self, request, route):
+        if not route.by_digest:
+            # the common case first, without Deferreds: a tag kept and fresh, of a type the client takes
+            kept = self.kept.fresh(self.tag_key(route.name, route.reference), self.tag_ttl)
+            if kept is not None and kept.status == 200:
+                media = kept.headers["content-type"]
+                accepted = accepted_types(tuple(request.requestHeaders.getRawHeaders(b"accept", ())))
+                if accepted is None or media in accepted:
+                    self.log_hit(f"{self.registry}/{route.name}:{route.reference}")
+                    request.set_outcome("hit")
+                    send_manifest(request, kept.body, media, kept.headers["docker-content-digest"])
+                    return None
+        return self._manifest(request, route)
+
+    def tag_key(self, name: str, tag: str) -> str:
+        return f"{self.name}/r/{name}/_tags/{tag}.tag"
+
+    @inlineCallbacks
+    def _manifest(self, request, route):
         name = route.name
         if route.by_digest:
             digest = route.reference
@@ -143,7 +160,7 @@ class OciBackend(Backend):
             answer = yield self.tag_answer(request, name, route.reference)
             body, media = answer.body, answer.headers["content-type"]
             digest = answer.headers["docker-content-digest"]
-            accepted = accepted_types(request.requestHeaders.getRawHeaders(b"accept"))
+            accepted = accepted_types(tuple(request.requestHeaders.getRawHeaders(b"accept", ())))
             if accepted is not None and media not in accepted:
                 if media in INDEX_TYPES:
                     # as distribution does for clients that cannot take an index: its linux/amd64 image
@@ -162,7 +179,7 @@ class OciBackend(Backend):
     @inlineCallbacks
     def tag_answer(self, request, name: str, tag: str):
         """The kept answer for a tag (fresh, revalidated, fetched, or stale when upstream fails)."""
-        key = f"{self.name}/r/{name}/_tags/{tag}.tag"
+        key = self.tag_key(name, tag)
         label = f"{self.registry}/{name}:{tag}"
         answer = yield self.kept.get(key, lambda kept: self.ask_tag(name, tag, kept), ttl=self.tag_ttl,
                                      health=self.health, identity="vault", name=label)

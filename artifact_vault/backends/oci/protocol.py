@@ -7,6 +7,7 @@ to, and the registry's JSON errors.  Pure functions, no I/O.
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 from ...errors import VaultError
@@ -95,6 +96,7 @@ class Route:
         return self.reference.startswith("sha256:")
 
 
+@lru_cache(maxsize=4096)  # the same few images are asked for again and again (bounded; errors are not kept)
 def parse_path(rest: bytes, docker_hub: bool) -> Route:
     """
     ``<name>/manifests/<reference>``, ``<name>/blobs/<digest>``,
@@ -160,7 +162,8 @@ def read_only(what: str) -> RegistryError:
                          {"Allow": "GET, HEAD"})
 
 
-def accepted_types(headers) -> set | None:
+@lru_cache(maxsize=256)
+def accepted_types(headers: tuple) -> frozenset | None:
     """
     The media types the Accept header lines name (q=0 left out), or None
     when the client takes anything (no header, or ``*/*``).  Clients send
@@ -182,7 +185,7 @@ def accepted_types(headers) -> set | None:
         if parts[0] == "*/*":
             return None
         out.add(parts[0].lower())
-    return out or None
+    return frozenset(out) or None
 
 
 def media_type(content_type: str | None, body: bytes) -> str:
