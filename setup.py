@@ -23,6 +23,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6",
+            # tests/test_examples.py parses README.rst and docs/*.rst
+            "docutils>=0.18",
             # The real clients the Hugging Face tests drive (versions the protocol notes were read from).
             "huggingface_hub>=2.4,<3",
             "hf_xet>=1.8,<2",

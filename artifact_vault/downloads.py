@@ -91,8 +91,10 @@ class Download:
         #: client requests attached now (waiting or streaming), and in all
         self.interested = 0
         self.clients = 0
-        #: stops the upstream side now (set by whoever runs it)
+        #: stops the step under way now: waiting for a slot, then fetching (set by whoever runs it)
         self.stop_upstream = None
+        #: the body is in and verified; its publish (fsync, renames) runs in a thread
+        self.publishing = False
         self._ready: list[Deferred] = []
         self._watchers: list = []
         self._on_streaming: list = []
@@ -145,7 +147,7 @@ class Download:
         self._ready.append(d)
         return d
 
-    def done(self) -> Deferred:
+    def published(self) -> Deferred:
         """Fires with the committed `Entry`, or fails."""
         d = Deferred()
 
@@ -252,8 +254,12 @@ class Download:
         self._finish()
 
     def abort(self, reason: str) -> None:
-        """Stop now (shutdown, abandoned): the temp file goes, every client is cut off."""
-        if self.finished:
+        """
+        Stop now (shutdown, abandoned): the temp file goes, every client is
+        cut off.  A download already publishing is left to finish: its bytes
+        are all in and verified, and its thread owns the file.
+        """
+        if self.finished or self.publishing:
             return
         self.failed(Failure(UpstreamUnavailable(reason)))
         if self.stop_upstream is not None:
@@ -448,14 +454,18 @@ class Downloads:
         """
         running = self._running.get(spec.key)
         if running is not None:
-            return running, "joined"
+            return running, "following" if isinstance(running, RemoteDownload) else "joined"
         lock = self.store.lock(spec.key)
         try:
             acquired = lock.try_acquire()
         except OSError as e:
             raise storage_error(e, spec.key) from None
         if not acquired:
-            return RemoteDownload(spec, self.store, self.clock), "following"
+            remote = RemoteDownload(spec, self.store, self.clock)
+            self._running[spec.key] = remote  # later clients of this process follow it too
+            remote.on_finished(lambda d: self._running.pop(spec.key, None) if self._running.get(spec.key) is d
+                               else None)
+            return remote, "following"
         committed = self.store.lookup(spec.key)  # it may have finished just before we locked
         if committed is not None:
             lock.release()
@@ -516,8 +526,8 @@ class Downloads:
         download.stop_upstream = fetching.cancel
 
         def publish(writer):
-            meta = dict(download.meta)
-            return self.store.publish(writer.writer, meta)
+            download.publishing = True
+            return self.store.publish(writer.writer, dict(download.meta))
 
         def published(entry):
             elapsed = max(time.monotonic() - download.started_at, 1e-6)

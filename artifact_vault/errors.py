@@ -36,12 +36,11 @@ class MethodNotAllowed(VaultError):
 class UpstreamStatus(VaultError):
     """Upstream answered with an error status; 4xx pass through, 5xx become 502."""
 
-    def __init__(self, code: int, url: str, headers=None, body: bytes = b""):
+    def __init__(self, code: int, url: str, headers=None):
         status = code if 400 <= code < 500 else 502
         super().__init__(f"upstream {safe_url(url)} answered {code}", status, headers)
         self.code = code
         self.url = url
-        self.body = body
 
 
 class UpstreamUnavailable(VaultError):
@@ -58,6 +57,12 @@ class IntegrityError(VaultError):
     """The bytes upstream sent are not the ones it announced: 502, nothing cached."""
 
     status = 502
+
+
+class NotAFile(VaultError):
+    """Upstream redirected a file's URL to a folder (a URL ending in '/'): nothing is kept under the file's name."""
+
+    status = 404
 
 
 class StorageFull(VaultError):

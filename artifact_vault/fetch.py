@@ -7,10 +7,11 @@ start within `timeout`), `_VaultRedirectAgent` (logs each hop, drops
 credentials on a hop to another origin, insists on identity encoding).  treq
 is told not to buffer and not to follow redirects itself.
 
-`Upstream.transfer` starts the one GET of a cache miss and returns its
-`Transfer`: a good status opens a `CacheWriter` and the body flows through
-`_BodyIntoCache` to disk; anything else fails the transfer with the error
-the client should see.
+`Upstream.fetch` is the one GET of a download: a good status opens a writer
+(through the caller: `downloads.Download.open_writer`) and the body flows
+through `_BodyIntoWriter` into it; the Deferred fires once the body is
+complete and verified (size, sha256), or fails with the error a client
+should see.  It knows nothing of the clients waiting for the download.
 """
 
 import errno
@@ -40,6 +41,7 @@ from zope.interface import implementer
 
 from .errors import (
     IntegrityError,
+    NotAFile,
     StorageFull,
     UpstreamStatus,
     UpstreamTimeout,
@@ -53,7 +55,6 @@ log = VaultLogger()
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines of a long download
 RECEIVE_SIZE = 1024 * 1024  # bytes asked of the socket per read while a body flows
-ERROR_BODY_LIMIT = 64 * 1024
 
 
 def origin(url: bytes | str) -> tuple:
@@ -183,9 +184,11 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 class Upstream:
     """The vault's one HTTP client."""
 
-    def __init__(self, reactor, pool: HTTPConnectionPool | None = None, metrics=None):
+    def __init__(self, reactor, pool: HTTPConnectionPool | None = None, metrics=None, agent=None):
         self.reactor = reactor
         self.metrics = metrics
+        #: an agent to use instead of our pooled ones (in-memory tests: treq.testing)
+        self._given_agent = agent
         if pool is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 8
@@ -195,6 +198,8 @@ class Upstream:
         self._agents: dict[float, Agent] = {}
 
     def _agent(self, timeout: float) -> Agent:
+        if self._given_agent is not None:
+            return self._given_agent
         agent = self._agents.get(timeout)
         if agent is None:
             agent = self._agents[timeout] = Agent(self.reactor, connectTimeout=timeout, pool=self.pool)
@@ -261,8 +266,14 @@ class Upstream:
                 response.deliverBody(Discard())
                 return None
             if response.code != 200:
-                return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=spec.timeout,
-                                 clock=self.reactor).addCallback(self._refused, response, spec.url)
+                response.deliverBody(Discard())  # read and dropped: the connection goes back to the pool
+                raise UpstreamStatus(response.code, spec.url, error_headers(response))
+            final = getattr(getattr(response, "request", None), "absoluteURI", b"") or b""
+            if final.split(b"?")[0].endswith(b"/") and not spec.url.split("?")[0].endswith("/"):
+                # A folder (upstream added the slash): keeping its listing under the file's
+                # name would stand where the files below it belong.
+                response.deliverBody(Discard())
+                raise NotAFile(f"upstream {safe_url(spec.url)} is a folder")
             declared = _content_length(response)
             if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())
@@ -279,7 +290,7 @@ class Upstream:
             into = _BodyIntoWriter(spec, writer, total, self.reactor, self._fetched_counter(spec.key))
             body.append(into)
             response.deliverBody(into)
-            return into.done
+            return into.verified
 
         def deliver(outcome):
             if not result.called:
@@ -290,10 +301,6 @@ class Upstream:
 
         requesting.addCallback(got_response).addBoth(deliver)
         return result
-
-    @staticmethod
-    def _refused(error_body, response, url):
-        raise UpstreamStatus(response.code, url, error_headers(response), error_body)
 
     def _fetched_counter(self, key: str):
         return self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics is not None else None
@@ -332,12 +339,11 @@ def error_headers(response) -> dict:
     return out
 
 
-def read_body(response, limit: int, truncate: bool = False, timeout: float = 60, clock=None) -> Deferred:
+def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred:
     """
-    Read a small upstream body into memory: at most `limit` bytes.  Past the
-    limit, the body is cut (``truncate=True``, for error texts) or the read
-    fails; a body that breaks off, or stays silent for `timeout` seconds,
-    fails unless ``truncate`` is set (then what came is kept).
+    Read a small upstream body into memory: at most `limit` bytes (more
+    fails the read), failing too when it breaks off or stays silent for
+    `timeout` seconds.
     """
     d = Deferred()
     if clock is None:
@@ -358,25 +364,23 @@ def read_body(response, limit: int, truncate: bool = False, timeout: float = 60,
         def dataReceived(self, data):
             if self.idle is not None and self.idle.active():
                 self.idle.reset(timeout)
-            if self.too_big and not truncate:
+            if self.too_big:
                 return
             if self.size + len(data) > limit:
                 self.too_big = True
-                if not truncate:
-                    self.transport.stopProducing()
-                    return
-                data = data[: max(0, limit - self.size)]
+                self.transport.stopProducing()
+                return
             self.parts.append(data)
             self.size += len(data)
 
         def connectionLost(self, reason):
             if self.idle is not None and self.idle.active():
                 self.idle.cancel()
-            if self.stalled and not truncate:
+            if self.stalled:
                 d.errback(UpstreamTimeout(f"upstream answer stalled for {timeout:g} s"))
-            elif self.too_big and not truncate:
+            elif self.too_big:
                 d.errback(UpstreamUnavailable(f"upstream answer is larger than {limit} bytes"))
-            elif truncate or reason.check(ResponseDone, PotentialDataLoss):
+            elif reason.check(ResponseDone, PotentialDataLoss):
                 d.callback(b"".join(self.parts))
             else:
                 d.errback(UpstreamUnavailable(f"upstream answer broke off: {reason.getErrorMessage()[:120]}"))
@@ -402,7 +406,7 @@ class _BodyIntoWriter(Protocol):
     follows in its thread).  When the hash falls behind, the upstream
     transport is paused until it catches up.  A silent gap longer than the
     timeout stops the transfer; the end is checked against the announced
-    size and the expected sha256.  `done` fires with the writer, or fails.
+    size and the expected sha256.
     """
 
     def __init__(self, spec, writer, total, reactor, fetched_counter=None):
@@ -411,7 +415,8 @@ class _BodyIntoWriter(Protocol):
         self.total = total
         self.reactor = reactor
         self.fetched_counter = fetched_counter
-        self.done = Deferred()
+        #: fires with the writer once the body is complete and verified, or fails
+        self.verified = Deferred()
         self.idle = None
         self.error: VaultError | None = None
         self.paused = False
@@ -442,14 +447,17 @@ class _BodyIntoWriter(Protocol):
             self.stop(IntegrityError(f"upstream sent more than the {self.total} bytes announced for {self.spec.key}"))
             return
         if behind and not self.paused:
-            # The hash thread is behind: wait for it instead of piling the file up in memory.
+            # The hash thread is behind: let upstream wait rather than the reactor.
             self.paused = True
             self.transport.pauseProducing()
-            self.writer.drained().addCallbacks(self._resume, lambda f: self.stop(storage_error(f.value, self.spec.key))
-                                               if f.check(OSError) else f)
+            self.writer.drained().addCallbacks(self._resume, self._hash_failed)
         now = time.monotonic()
         if now - self.last_log >= PROGRESS_EVERY:
             self._log_progress(now)
+
+    def _hash_failed(self, failure):
+        failure.trap(OSError)
+        self.stop(storage_error(failure.value, self.spec.key))
 
     def _resume(self, _):
         if self.paused and self.error is None:
@@ -484,9 +492,9 @@ class _BodyIntoWriter(Protocol):
         try:
             self._check_end(reason)
         except VaultError as e:
-            self.done.errback(Failure(e))
+            self.verified.errback(Failure(e))
             return
-        self.writer.digest().addCallback(self._verify).chainDeferred(self.done)
+        self.writer.digest().addCallback(self._verify).chainDeferred(self.verified)
 
     def _check_end(self, reason):
         url, size = safe_url(self.spec.url), self.writer.size

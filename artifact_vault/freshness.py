@@ -206,14 +206,7 @@ class KeptAnswers:
         self._remember(key, answer)
         meta = {"content_type": answer.headers.get("content-type") or "application/octet-stream",
                 "answer": {"status": answer.status, "headers": answer.headers, "checked_at": answer.checked_at}}
-        return self.store.write_later(key, answer.body, meta).addErrback(self._not_kept, key)
-
-    @staticmethod
-    def _not_kept(failure, key):
-        if failure.check(OSError):
-            log.warn("Could not keep {key} in the cache: {why}", key=key, why=failure.value.strerror)
-        else:
-            log.failure("Could not keep {key} in the cache", failure, key=key)
+        return self.store.write_later(key, answer.body, meta)
 
     def renew(self, key: str, checked_at: float) -> None:
         """Upstream vouched again for the kept answer (in memory only: disk keeps the first time)."""

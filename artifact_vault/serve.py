@@ -60,7 +60,7 @@ class StoredBody:
     def unwatch(self, callback):
         pass
 
-    def done(self):
+    def published(self):
         return succeed(self.entry)
 
 
@@ -137,7 +137,7 @@ def _not_modified(request, meta) -> bool:
     if ims and lm:
         try:
             return parsedate_to_datetime(lm) <= parsedate_to_datetime(ims.decode("latin-1"))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return False
     return False
 
@@ -196,7 +196,7 @@ def serve(request, body, meta: dict) -> Deferred:
     wants_range = request.getHeader(b"range") is not None and _range_allowed(request, meta)
     if size is None and wants_range:
         # A growing body of unknown length cannot name its ranges yet: wait for the end.
-        return body.done().addCallback(lambda entry: serve(request, StoredBody(entry), meta))
+        return body.published().addCallback(lambda entry: serve(request, StoredBody(entry), meta))
 
     start, end = 0, size
     if size is not None and wants_range:
@@ -256,7 +256,7 @@ class _Streamer:
         self.end = end
         self.fd = body.open()
         self.paused = False
-        self.done = False
+        self.stopped = False
         self._pumping = False
         self._zero_copy = ZeroCopy.for_request(request, None if end is None else end - start)
 
@@ -278,11 +278,11 @@ class _Streamer:
         return self.end if self.end is not None else (self.body.size if self.body.complete else None)
 
     def _pump(self):
-        if self._pumping or self.done:
+        if self._pumping or self.stopped:
             return
         self._pumping = True
         try:
-            while not self.paused and not self.done:
+            while not self.paused and not self.stopped:
                 target = self._target()
                 if target is not None and self.pos >= target:
                     self._finish()
@@ -342,8 +342,8 @@ class _Streamer:
             transport.abortConnection()
 
     def _close(self):
-        if not self.done:
-            self.done = True
+        if not self.stopped:
+            self.stopped = True
             self.body.unwatch(self._more)
             os.close(self.fd)
             self.body.closed()

@@ -12,8 +12,10 @@ Every request first passes the root's checks: the Host header against
 import base64
 import binascii
 import hmac
+import io
 import ipaddress
 import json
+import re
 import os
 import socket
 import time
@@ -32,6 +34,11 @@ from .serve import send_small
 log = VaultLogger()
 
 
+#: bytes a request body may have: the vault takes small form and JSON bodies only
+#: (paths-info, admin calls); a larger one is refused before it is stored anywhere
+MAX_REQUEST_BODY = 1024 * 1024
+
+
 class VaultRequest(Request):
     """A request with what the vault tracks for it (the access log and metrics read it)."""
 
@@ -45,6 +52,34 @@ class VaultRequest(Request):
         #: ``error_page(error) -> (content_type, body)``: the form of this request's error
         #: answers, where its clients expect one of their own (a registry's JSON errors)
         self.error_page = None
+        self._body_refused = False
+
+    def gotLength(self, length):
+        # In memory, never a temp file: the body is small or refused.
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data):
+        if self._body_refused:
+            return
+        if self.content.tell() + len(data) > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        self.content.write(data)
+
+    def _refuse_body(self):
+        self._body_refused = True
+        message = b"413 request body too large\n"
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(message), message))
+        self.channel.transport.loseConnection()
+
+    def requestReceived(self, command, path, version):
+        if self._body_refused:
+            return  # answered already (413); nothing of it is processed
+        super().requestReceived(command, path, version)
 
     @property
     def disconnected(self) -> bool:
@@ -163,18 +198,25 @@ class HostCheck:
         return cls(names)
 
     def allows(self, header: bytes | None) -> bool:
-        if header is None or self.any:
+        """A missing Host is allowed; one that is no host name (or [address]) and port never is."""
+        if header is None:
             return True
         try:
-            text = header.decode("ascii").strip().lower()
+            match = _HOST_HEADER.match(header.decode("ascii").strip().lower())
         except UnicodeDecodeError:
             return False
-        if text.startswith("["):
-            name = text[1:text.find("]")] if "]" in text else text
-        else:
-            name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-        name = name.rstrip(".")
-        return _is_address(name) or name in self.names or name.endswith(self.suffixes)
+        if match is None:
+            return False
+        if match.group("v6") is not None:
+            return _is_address(match.group("v6"))
+        name = match.group("name").rstrip(".")
+        if self.any or _is_address(name):
+            return True
+        return name in self.names or name.endswith(self.suffixes)
+
+
+#: a Host header: a name (or IPv4 address) or a bracketed IPv6 address, and an optional port
+_HOST_HEADER = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9](?:[a-z0-9.-]{0,252})?))(?::[0-9]{1,5})?$")
 
 
 def _is_address(text: str) -> bool:

@@ -353,7 +353,7 @@ def test_error_names_the_right_index():
 
 
 def test_yaml_document_round_trip(tmp_path):
-    """A sample written the way the README shows it parses to what it says."""
+    """A sample written the way the documentation shows it parses to what it says."""
     text = yaml.safe_dump({"backends": [http_backend(), {"type": "huggingface", "config": {"token": "${T}"}}]})
     path = tmp_path / "c.yml"
     path.write_text(text)

@@ -1,10 +1,13 @@
 """
-The files people copy from: the sample configuration and the deployment
-examples in ``etc/``, and the commands at the top of README.rst.  Each
-configuration they carry must pass the vault's own validation, and the
-README's test command must be the one CI runs.
+The files people copy from and read: the sample configuration and the
+deployment examples in ``etc/``, README.rst (the two commands at its top, its
+minimal configuration) and the manual in ``docs/``.  Each configuration they
+carry must pass the vault's own validation, the README's test command must be
+the one CI runs, every option must be described in docs/configuration.rst,
+and every document must parse, with its links to the others leading somewhere.
 """
 
+import glob
 import os
 import re
 import shutil
@@ -219,7 +222,10 @@ def test_systemd_analyze_verify(tmp_path):
     assert result.returncode == 0 and not about_unit, result.stdout + result.stderr
 
 
-# -- README.rst ------------------------------------------------------------------------
+# -- README.rst and docs/ ------------------------------------------------------------
+
+DOCUMENTS = ["README.rst"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.rst")))
+README_MAX_LINES = 400  # what a newcomer reads first; the manual is in docs/
 
 
 def literal_blocks(text):
@@ -242,6 +248,20 @@ def literal_blocks(text):
     return blocks
 
 
+def sections(text, underline: str) -> dict:
+    """Title -> text of each section whose title is underlined with `underline`, up to the next title."""
+    lines = text.splitlines()
+    titles = [i for i in range(len(lines) - 1)
+              if lines[i].strip() and re.fullmatch(r"([-=~^\"'`#*+])\1+", lines[i + 1])
+              and len(lines[i + 1]) >= len(lines[i].rstrip())]
+    found = {}
+    for n, i in enumerate(titles):
+        if lines[i + 1][0] == underline:
+            end = titles[n + 1] if n + 1 < len(titles) else len(lines)
+            found[lines[i].strip()] = "\n".join(lines[i + 2:end])
+    return found
+
+
 def test_readme_starts_with_the_two_commands():
     text = read("README.rst")
     lines = text.splitlines()
@@ -262,27 +282,93 @@ def test_readme_test_command_is_what_ci_runs():
     assert literal_blocks(read("README.rst"))[1][1] == ci_lines[-1].strip()
 
 
-def test_readme_documents_every_option():
+def test_readme_stays_short_and_lists_every_document():
+    text = read("README.rst")
+    assert len(text.splitlines()) <= README_MAX_LINES, "the README is the first read: put the details in docs/"
+    manual = sections(text, "-")["The manual"]
+    for document in DOCUMENTS[1:]:
+        assert f"<{document}>`__" in manual, f"README's list of the manual lacks {document}"
+
+
+def test_configuration_documents_every_option():
+    """Each option has its ``key`` (type, default) entry: backend types' own keys in their own subsection."""
     from artifact_vault.config import BACKEND_TYPES, COMMON_OPTIONS, TOP_LEVEL
 
-    text = read("README.rst")
-    for key in sorted(TOP_LEVEL | set(COMMON_OPTIONS) | {k for extra, _ in BACKEND_TYPES.values() for k in extra}):
-        assert f"``{key}`` (" in text, key
+    text = read("docs", "configuration.rst")
+    parts = sections(text, "-")
+    for key in sorted(TOP_LEVEL):
+        assert f"``{key}`` (" in parts["Top-level keys"], key
+    for key in sorted(COMMON_OPTIONS):
+        assert f"``{key}`` (" in parts["Keys of every backend"], key
+    per_type = sections(text, "~")
+    for btype, (extra, _defaults) in BACKEND_TYPES.items():
+        assert f"``{btype}``" in per_type, f"docs/configuration.rst has no subsection for backend type {btype}"
+        for key in sorted(extra):
+            assert f"``{key}`` (" in per_type[f"``{btype}``"], f"{btype}: {key}"
 
 
-def test_readme_renders_without_warnings():
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_document_renders_without_warnings(document):
     docutils_core = pytest.importorskip("docutils.core")
     docutils_utils = pytest.importorskip("docutils.utils")
     try:
-        docutils_core.publish_doctree(read("README.rst"), settings_overrides={
+        docutils_core.publish_doctree(read(document), source_path=document, settings_overrides={
             "halt_level": 2, "report_level": 5, "file_insertion_enabled": False, "raw_enabled": False})
     except docutils_utils.SystemMessage as e:
-        pytest.fail(f"README.rst: {e}")
+        pytest.fail(f"{document}: {e}")
 
 
-def test_parse_accepts_what_the_readme_shows_for_huggingface():
-    """The configuration block of the Hugging Face section is valid as shown."""
-    text = read("README.rst")
+def test_links_between_documents_lead_somewhere():
+    """A link to another file of the project names one that exists, and a section of it that exists."""
+    docutils_core = pytest.importorskip("docutils.core")
+    from docutils import nodes
+
+    settings = {"report_level": 5, "file_insertion_enabled": False, "raw_enabled": False}
+    trees = {d: docutils_core.publish_doctree(read(d), source_path=d, settings_overrides=settings) for d in DOCUMENTS}
+    ids = {d: {i for s in tree.findall(nodes.section) for i in s["ids"]} for d, tree in trees.items()}
+    links = 0
+    for document, tree in trees.items():
+        for ref in tree.findall(nodes.reference):
+            uri = ref.get("refuri") or ""
+            if not uri or re.match(r"^[a-z][a-z0-9+.-]*:", uri):
+                continue  # an internal reference, or a link elsewhere
+            path, _, anchor = uri.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(document), path)) if path else document
+            assert os.path.exists(os.path.join(ROOT, target)), f"{document}: {uri}"
+            if anchor and target in ids:
+                assert anchor in ids[target], f"{document}: {uri}: no such section in {target}"
+            links += 1
+    assert links > 20
+
+
+def test_parse_accepts_the_readme_minimal_config():
+    block = next(b for _, b in literal_blocks(read("README.rst")) if "backends:" in b)
+    config = parse(yaml.safe_load(block), environ={"HF_TOKEN": "hf_example"})
+    assert [(b.type, b.prefix) for b in config.backends] == [("huggingface", "/huggingface/"), ("http", "/files/")]
+    assert config.backends[0].options["token"] == "hf_example"
+
+
+def test_parse_accepts_what_the_manual_shows_for_huggingface():
+    """The configuration block of docs/huggingface.rst is valid as shown."""
+    text = read("docs", "huggingface.rst")
     block = next(b for _, b in literal_blocks(text) if b.startswith("backends:") and "huggingface" in b)
     config = parse(yaml.safe_load(block), environ={"HF_TOKEN": "hf_example"})
     assert config.backends[0].options["token"] == "hf_example"
+
+
+def test_parse_accepts_what_the_manual_shows_for_http():
+    """The configuration block of docs/http.rst is valid as shown."""
+    block = next(b for _, b in literal_blocks(read("docs", "http.rst")) if b.startswith("backends:"))
+    config = parse(yaml.safe_load(block), environ={})
+    assert [(b.type, b.name, b.prefix) for b in config.backends] == [("http", "files", "/files/")]
+
+
+def test_parse_accepts_what_the_manual_shows_for_oci():
+    """The configuration block of docs/oci.rst, and the one in the README, are valid as shown."""
+    block = next(b for _, b in literal_blocks(read("docs", "oci.rst")) if b.startswith("backends:"))
+    config = parse(yaml.safe_load(block), environ={"DOCKERHUB_USER": "someone", "DOCKERHUB_TOKEN": "dckr_pat_x"})
+    assert [(b.type, b.name, b.options["registry"], b.options["default"]) for b in config.backends] == [
+        ("oci", "dockerhub", "docker.io", True), ("oci", "ghcr", "ghcr.io", False)]
+    assert config.backends[0].options["password"] == "dckr_pat_x"
+    block = next(b for _, b in literal_blocks(read("README.rst")) if "type: oci" in b)
+    assert parse(yaml.safe_load(block), environ={}).backends[0].options["registry"] == "docker.io"

@@ -13,7 +13,6 @@ docker's Basic login after a challenge).
 import base64
 import json
 import os
-import socket
 import time
 
 import pytest

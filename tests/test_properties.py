@@ -24,7 +24,7 @@ Configuration documents of any shape go through ``config.parse`` (and YAML
 text through ``config.load``): the only exception allowed is ConfigError.
 
 The number of inputs tried is printed at the end of the run (terminal summary)
-and written down in the README table.  The example database is off (nothing
+and written down in the table of docs/reliability.rst.  The example database is off (nothing
 is written into the work tree); each run draws new inputs.
 """
 

@@ -36,7 +36,9 @@ from ..site import CONTENT_HEADERS, answer
 
 log = VaultLogger()
 
-FORWARD_LIMIT = 32 * 1024 * 1024  # bytes of an uncached answer we relay
+FORWARD_LIMIT = 8 * 1024 * 1024  # bytes of an upstream answer read whole (relayed small answers, API answers)
+#: upstream answers read whole at once, per backend: with FORWARD_LIMIT, what clients can make it hold
+BUFFERED_AT_ONCE = 4
 HIT_LOG_EVERY = 60.0  # seconds between INFO "Cache hit" lines for one name
 
 #: response headers of an upstream answer worth relaying on a forwarded request
@@ -73,6 +75,8 @@ class Backend(Resource):
         self.kept = KeptAnswers(self.store)
         #: downloads this backend runs at once; more wait for a slot
         self.download_slots = DeferredSemaphore(config.max_downloads)
+        #: upstream answers this backend reads whole at once (memory: BUFFERED_AT_ONCE x FORWARD_LIMIT)
+        self.buffered_slots = DeferredSemaphore(BUFFERED_AT_ONCE)
         self._hits_logged = LRU(10_000)
 
     # -- the Resource ---------------------------------------------------------------
@@ -226,7 +230,7 @@ class Backend(Resource):
             relay = _Relay(request, framed=length is not None
                            or b"chunked" in b",".join(response.headers.getRawHeaders(b"transfer-encoding", [])))
             response.deliverBody(relay)
-            return relay.done
+            return relay.ended
 
         return d.addCallback(got)
 
@@ -245,12 +249,13 @@ class Backend(Resource):
         Relay one upstream answer (status, selected headers, body) without
         caching it.  ``rewrite(body, response) -> body`` may edit a good body.
         """
-        d = self.request_upstream(method, url, headers, data=data)
         request.set_outcome("forwarded")
 
         def got(response):
             return read_body(response, FORWARD_LIMIT, timeout=self.config.timeout,
                              clock=self.machinery.reactor).addCallback(lambda body: (response, body))
+
+        d = self.buffered_slots.run(lambda: self.request_upstream(method, url, headers, data=data).addCallback(got))
 
         def answer_with(result):
             response, body = result
@@ -270,7 +275,7 @@ class Backend(Resource):
                 request.write(body)
             request.finish()
 
-        return d.addCallback(got).addCallback(answer_with)
+        return d.addCallback(answer_with)
 
 
 class _Relay(Protocol):
@@ -283,7 +288,8 @@ class _Relay(Protocol):
     def __init__(self, request, framed: bool):
         self.request = request
         self.framed = framed  # Content-Length or chunked: a clean end can be told from a cut
-        self.done = Deferred()
+        #: fires when the upstream body has ended (whatever the client saw)
+        self.ended = Deferred()
 
     def connectionMade(self):
         self.request.registerProducer(self.transport, True)
@@ -300,7 +306,7 @@ class _Relay(Protocol):
                 self.request.finish()
             else:
                 self.request.channel.transport.abortConnection()
-        self.done.callback(None)
+        self.ended.callback(None)
 
 
 def relay_headers(response, names) -> dict:

@@ -10,7 +10,7 @@ string.  A HEAD for a file not in the cache is forwarded upstream as a HEAD
 
 from urllib.parse import quote
 
-from ..errors import BadRequest
+from ..errors import BadRequest, NotAFile, VaultError
 from ..store import UnsafePath, safe_segments
 from .base import Backend
 
@@ -33,7 +33,14 @@ class HttpBackend(Backend):
         key = f"{self.name}/" + "/".join(segments)
         if request.method == b"HEAD" and self.store.lookup(key) is None and self.downloads.get(key) is None:
             return self.relay(request, "HEAD", url, relayed=_HEAD_HEADERS)
-        return self.serve_cached(request, self.download_spec(key, url))
+        d = self.serve_cached(request, self.download_spec(key, url))
+        return d.addErrback(self._folder, request)
+
+    @staticmethod
+    def _folder(failure, request):
+        """A folder asked for without its slash: send the client where upstream sent us, as a web server does."""
+        failure.trap(NotAFile)
+        raise VaultError("this is a folder", 301, {"Location": request.path.decode("ascii") + "/"})
 
 
 _HEAD_HEADERS = ("content-type", "etag", "last-modified", "accept-ranges")

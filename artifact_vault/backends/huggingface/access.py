@@ -65,6 +65,17 @@ RECORD_FILES_LIMIT = 20_000
 FLUSH_EVERY = 2.0
 
 
+def client_identity(authorization: bytes) -> str:
+    """
+    The name of a client's identity: a hash of its credentials in one
+    spelling (``Bearer  X`` and ``bearer X`` are the same token to the hub,
+    so they are one identity here).
+    """
+    scheme, _, credentials = authorization.strip().partition(b" ")
+    normal = scheme.lower() + b" " + credentials.strip()
+    return "client-" + hashlib.sha256(normal).hexdigest()[:32]
+
+
 class AccessPolicy:
     def __init__(self, backend):
         self.backend = backend
@@ -76,7 +87,7 @@ class AccessPolicy:
         #: repo key -> {"visibility": "public"|"gated"|"private", "at": time}
         self._visibility = LRU(MEMORY_LIMIT // 10)
         #: (repo key, identity) -> {"files": {path: time}, "api": time} of yes answers, as on disk
-        self._records = LRU(MEMORY_LIMIT // 10)
+        self._records = LRU(1000)
         self._dirty: dict[tuple, object] = {}
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = backend.machinery.reactor
@@ -87,8 +98,7 @@ class AccessPolicy:
         """(identity name for records, the Authorization to send upstream for this client)."""
         client = request.getHeader(b"authorization")
         if client:
-            digest = hashlib.sha256(client).hexdigest()[:32]
-            return f"client-{digest}", {"Authorization": client.decode("latin-1")}
+            return client_identity(client), {"Authorization": client.decode("latin-1")}
         return self.lent_identity()
 
     def lent_identity(self) -> tuple[str, dict]:
@@ -116,7 +126,10 @@ class AccessPolicy:
         now = time.time()
         if 200 <= code < 400 or (code == 404 and error_code == "EntryNotFound" and scope == "files"):
             answer = self._answers[(repo.key, ident, scope, path)] = {"allowed": True, "at": now}
-            self._remember_yes(repo, ident, scope, path, now)
+            # On disk only what offline use needs: a real file of a repo that is not public
+            # (a path that does not exist, or a public repo's file, stays in memory).
+            if code < 400 and self.visibility(repo, self.ttl) != "public":
+                self._remember_yes(repo, ident, scope, path, now)
             return answer
         if code in (401, 403) or (code == 404 and error_code in DENIED_CODES):
             kept = {k: v for k, v in headers.items() if k in ("x-error-code", "x-error-message")}
@@ -194,13 +207,11 @@ class AccessPolicy:
         except VaultError as e:
             if not is_offline_error(e):
                 raise
-            self.backend.health.failed(e, ident)
-            return self._offline(request, repo, scope, ident, path, e.message)
+            return self._failed(request, repo, scope, ident, path, e, e.message)
         headers = error_headers(response)
         if response.code >= 500 or response.code == 429:
             error = UpstreamStatus(response.code, check_url, headers)
-            self.backend.health.failed(error, ident)
-            return self._offline(request, repo, scope, ident, path, f"the hub answered {response.code}")
+            return self._failed(request, repo, scope, ident, path, error, f"the hub answered {response.code}")
         answer = self.note_answer(repo, scope, ident, response.code, headers, path)
         if answer is None:
             # neither a yes nor a no (400, 410, a 404 without a known code): pass it on
@@ -208,6 +219,19 @@ class AccessPolicy:
         if not answer["allowed"]:
             raise self._denial(repo, answer)
         return None
+
+    def _failed(self, request, repo, scope, ident, path, error, why):
+        """
+        The check could not be made.  A 429 is the hub limiting this
+        client's own token: it is passed on as it is (with its Retry-After)
+        unless the hub is down for everyone, or a revoked token could open
+        its old files by getting itself limited.  An unreachable, silent or
+        failing hub (which no token can cause) brings the offline rules.
+        """
+        self.backend.health.failed(error, ident)
+        if isinstance(error, UpstreamStatus) and error.code == 429 and not self.backend.health.is_down():
+            raise error
+        return self._offline(request, repo, scope, ident, path, why)
 
     def _yes(self, repo, scope, path, identities, max_age) -> bool:
         now = time.time()

@@ -107,7 +107,11 @@ class HuggingFaceBackend(Backend):
                 repo = Repo(kind, "/".join(segments(b"/".join(raw[start:at]))))
                 # As the hub reads it: an unencoded refs/pr/1 (or refs/heads|tags|convert/x)
                 # is one revision, the rest is the path.
-                width_rev = 3 if raw[at + 1] == b"refs" and raw[at + 2] in REF_KINDS and len(raw) > at + 4 else 1
+                width_rev = 1
+                if raw[at + 1] == b"refs" and raw[at + 2] in REF_KINDS:
+                    if len(raw) <= at + 4:  # the hub reads refs/pr/1 as the revision: no file is named
+                        raise NotFound(f"no file named after revision refs/{raw[at + 2].decode()}/...")
+                    width_rev = 3
                 rev = parse_revision(b"%2F".join(raw[at + 1:at + 1 + width_rev]))
                 path = "/".join(segments(b"/".join(raw[at + 1 + width_rev:])))
                 return repo, rev, path
@@ -342,9 +346,11 @@ class HuggingFaceBackend(Backend):
             d = self.hub.ask(method, url, headers, body, self._timeout(kept if kept is not None else missing))
             return d.addCallback(self._as_answer)
 
+        # A body is the client's own: a failure it causes says nothing about the hub (health).
+        asked_as = ident if body is None else ident + "+body"
         try:
             answer = yield self.kept.get(
-                key, ask, ttl=float("inf") if COMMIT.match(rev) else 0.0, health=self.health, identity=ident,
+                key, ask, ttl=float("inf") if COMMIT.match(rev) else 0.0, health=self.health, identity=asked_as,
                 keep=lambda a: a.status == 200 and worth_keeping(kind, a.body), name=key)
         except VaultError as e:
             if missing is not None and is_offline_error(e):

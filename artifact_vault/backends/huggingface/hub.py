@@ -19,8 +19,6 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REPO_TYPES = (b"models", b"datasets", b"spaces")
 REF_KINDS = (b"pr", b"heads", b"tags", b"convert")
-#: bytes of an API answer read into memory
-API_ANSWER_LIMIT = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -108,14 +106,20 @@ def check_forwarded_path(raw: bytes) -> None:
             raise BadRequest("bad path: '.' and '..' segments are not allowed")
 
 
-#: query parameters of the API calls whose answers are kept, per kind (anything else: relayed, not kept)
+_FLAG = re.compile(r"^(true|false|True|False|1|0)$")
+_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_.]{0,63}$")
+_CURSOR = re.compile(r"^[A-Za-z0-9_=+/.:-]{1,512}$")
+#: query parameters of the API calls whose answers are kept, per kind, with the values each may take
+#: (anything else: relayed, not kept)
 KEPT_PARAMETERS = {
-    "info": {"blobs", "expand", "securityStatus", "files_metadata"},
-    "tree": {"recursive", "expand", "cursor", "limit"},
-    "refs": {"include_prs"},
-    "paths-info": set(),
+    "info": {"blobs": _FLAG, "expand": _WORD, "securityStatus": _FLAG, "files_metadata": _FLAG},
+    "tree": {"recursive": _FLAG, "expand": _FLAG, "cursor": _CURSOR},
+    "refs": {"include_prs": _FLAG},
+    "paths-info": {},
 }
 PATHS_INFO_FIELDS = {"paths", "expand"}
+#: expand= values one kept info answer may name
+EXPAND_LIMIT = 16
 
 
 def kept_query(kind: str, raw: bytes, body: bytes | None) -> str | None:
@@ -132,8 +136,12 @@ def kept_query(kind: str, raw: bytes, body: bytes | None) -> str | None:
     except (UnicodeDecodeError, ValueError):
         return None
     allowed = KEPT_PARAMETERS[kind]
-    if len(pairs) > 16 or any(k not in allowed or len(v) > 512 for k, v in pairs):
+    pairs = sorted(set(pairs))  # a repeated parameter names nothing new
+    if any(k not in allowed or not allowed[k].match(v) for k, v in pairs):
         return None
+    if sum(1 for k, _ in pairs if k == "expand") > EXPAND_LIMIT or \
+            sum(1 for k, _ in pairs if k != "expand") > len({k for k, _ in pairs if k != "expand"}):
+        return None  # one value per parameter, expand aside
     if body is not None:
         paths = [v for k, v in fields if k == "paths"]
         if len(paths) != 1 or any(k not in PATHS_INFO_FIELDS or len(v) > 1024 for k, v in fields):
@@ -230,14 +238,15 @@ class Hub:
         return d.addCallback(got)
 
     def ask(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float) -> Deferred:
-        """One API call, its answer read whole: a `HubAnswer`."""
-        d = self.backend.request_upstream(method, url, headers, data=body, timeout=timeout)
+        """One API call, its answer read whole (a bounded number at once): a `HubAnswer`."""
+        from ..base import FORWARD_LIMIT
 
         def read(response):
-            return read_body(response, API_ANSWER_LIMIT, timeout=timeout,
+            return read_body(response, FORWARD_LIMIT, timeout=timeout,
                              clock=self.backend.machinery.reactor).addCallback(
                 lambda answer: HubAnswer(
                     response.code, _header(response, "content-type") or "application/json",
                     _header(response, "link"), error_headers(response), answer))
 
-        return d.addCallback(read)
+        return self.backend.buffered_slots.run(
+            lambda: self.backend.request_upstream(method, url, headers, data=body, timeout=timeout).addCallback(read))

@@ -18,15 +18,15 @@ from urllib.parse import quote
 
 from ...bounded import LRU
 from ...freshness import Answer
-from ...logs import VaultLogger
 from .hub import COMMIT, Repo
 
-log = VaultLogger()
 
 #: records kept in memory after they were written or read
-MEMORY_LIMIT = 100_000
-#: paths one not-found record names (the oldest go first)
-MISSING_LIMIT = 1000
+MEMORY_LIMIT = 10_000
+#: entries one not-found record names (the oldest go first)
+MISSING_LIMIT = 256
+#: and at most about this many bytes (paths may be long)
+MISSING_BYTES = 48 * 1024
 
 
 class Records:
@@ -60,14 +60,7 @@ class Records:
         """Write `document` at `key` (in a thread); it is readable from memory at once."""
         self._memory[key] = document
         body = json.dumps(document, sort_keys=True).encode()
-        self.store.write_later(key, body, {"content_type": "application/json"}).addErrback(self._not_kept, key)
-
-    @staticmethod
-    def _not_kept(failure, key):
-        if failure.check(OSError):
-            log.warn("Could not keep {key} in the cache: {why}", key=key, why=failure.value.strerror)
-        else:
-            log.failure("Could not keep {key} in the cache", failure, key=key)
+        self.store.write_later(key, body, {"content_type": "application/json"})
 
     # -- branches and tags ------------------------------------------------------------
 
@@ -156,8 +149,10 @@ class Records:
         record = dict(record)
         record.pop(name, None)
         record[name] = value
-        while len(record) > MISSING_LIMIT:
-            record.pop(next(iter(record)))
+        size = sum(len(k) + len(json.dumps(v)) for k, v in record.items())
+        while len(record) > MISSING_LIMIT or (size > MISSING_BYTES and len(record) > 1):
+            oldest = next(iter(record))
+            size -= len(oldest) + len(json.dumps(record.pop(oldest)))
         self.keep(record_key, record)
 
 

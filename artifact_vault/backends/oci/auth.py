@@ -200,15 +200,15 @@ class RegistryAuth:
         response = yield self.backend.upstream.request(
             "GET", url, headers, timeout=timeout, max_redirects=self.backend.config.max_redirects,
             sensitive_headers=["authorization"])
-        body = yield read_body(response, TOKEN_ANSWER_LIMIT, truncate=response.code != 200, timeout=timeout,
-                               clock=self.backend.machinery.reactor)
         if response.code != 200:
+            response.deliverBody(Discard())
             # the registry cannot be used now, as if it answered so itself: kept answers serve meanwhile
             if response.code == 429 or response.code >= 500:
                 raise UpstreamStatus(response.code, realm, error_headers(response))
             refused = " (it refused the vault's login)" if response.code in (401, 403) and headers else ""
             raise UpstreamUnavailable(f"the registry's token server {safe_url(realm)} answered "
                                       f"{response.code}{refused}")
+        body = yield read_body(response, TOKEN_ANSWER_LIMIT, timeout=timeout, clock=self.backend.machinery.reactor)
         try:
             document = json.loads(body)
         except ValueError:

@@ -206,11 +206,8 @@ class OciBackend(Backend):
                     return NOT_MODIFIED
             elif response.code != 405:  # a registry without HEAD gets the GET below
                 return Answer(response.code, _relayed(response), b"")
-        response = yield self.auth.request("GET", url, scope(name), {"Accept": UPSTREAM_ACCEPT}, timeout=timeout)
-        good = response.code == 200
-        body = yield read_body(response, MANIFEST_LIMIT if good else ERROR_BODY_LIMIT, truncate=not good,
-                               timeout=timeout, clock=self.machinery.reactor)
-        if not good:
+        response, body = yield self.read_whole(url, name, {"Accept": UPSTREAM_ACCEPT}, timeout, MANIFEST_LIMIT)
+        if response.code != 200:
             return Answer(response.code, _relayed(response), body)
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         declared = _header(response, "docker-content-digest")
@@ -251,15 +248,12 @@ class OciBackend(Backend):
         url = self.url(name, "manifests", digest)
         log.info("Fetching manifest {registry}/{name}@{digest}", registry=self.registry, name=name, digest=digest)
         try:
-            response = yield self.auth.request("GET", url, scope(name), {"Accept": UPSTREAM_ACCEPT},
-                                               timeout=self._timeout(None))
-            good = response.code == 200
-            body = yield read_body(response, MANIFEST_LIMIT if good else ERROR_BODY_LIMIT, truncate=not good,
-                                   timeout=self.config.timeout, clock=self.machinery.reactor)
+            response, body = yield self.read_whole(url, name, {"Accept": UPSTREAM_ACCEPT}, self._timeout(None),
+                                                   MANIFEST_LIMIT)
         except VaultError as e:
             self._offline(e)
             raise
-        if not good:
+        if response.code != 200:
             error = _answer_error(Answer(response.code, _relayed(response), body), "MANIFEST_UNKNOWN",
                                   f"manifest {self.registry}/{name}@{digest}")
             self._offline(UpstreamStatus(response.code, url, error.headers))
@@ -317,7 +311,7 @@ class OciBackend(Backend):
         try:
             return (yield self.serve_cached(request, spec, meta))
         except UpstreamStatus as e:
-            raise _answer_error(Answer(e.code, e.headers, e.body), "BLOB_UNKNOWN", f"blob {label}") from None
+            raise _answer_error(Answer(e.code, e.headers, b""), "BLOB_UNKNOWN", f"blob {label}") from None
 
     def confirm(self, name: str, kind: str, digest: str):
         """
@@ -426,15 +420,32 @@ class OciBackend(Backend):
     def _ask_listing(self, name, url, kept):
         timeout = self._timeout(kept)
         headers = dict(kept.validators) if kept is not None else {}
-        response = yield self.auth.request("GET", url, scope(name), headers, timeout=timeout)
+        response, body = yield self.read_whole(url, name, headers, timeout, LISTING_LIMIT)
         if response.code == 304 and kept is not None:
-            response.deliverBody(Discard())
             return NOT_MODIFIED
-        good = response.code == 200
-        body = yield read_body(response, LISTING_LIMIT if good else ERROR_BODY_LIMIT, truncate=not good,
-                               timeout=timeout, clock=self.machinery.reactor)
         headers = _relayed(response, ("content-type", "link", "etag", "last-modified", "retry-after"))
         return Answer(response.code, headers, body)
+
+    def read_whole(self, url: str, name: str, headers: dict, timeout: float, limit: int):
+        """
+        GET `url` and read its answer whole: fires with (response, body),
+        the body of an error answer being whatever of it fits in 64 KiB (b""
+        otherwise).  Counts against the backend's answers read whole at once
+        (``buffered_slots``): what clients can make the vault hold is bounded.
+        """
+        reactor = self.machinery.reactor
+
+        def ask():
+            def got(response):
+                if response.code == 200:
+                    return read_body(response, limit, timeout=timeout, clock=reactor).addCallback(
+                        lambda body: (response, body))
+                return read_body(response, ERROR_BODY_LIMIT, timeout=timeout, clock=reactor).addCallbacks(
+                    lambda body: (response, body), lambda failure: (response, b""))
+
+            return self.auth.request("GET", url, scope(name), headers, timeout=timeout).addCallback(got)
+
+        return self.buffered_slots.run(ask)
 
     def _link(self, request, name: str, what: str, upstream_link: str | None, allowed):
         """
