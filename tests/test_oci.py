@@ -123,6 +123,9 @@ async def test_pull_by_tag_and_digest_then_from_the_cache(rig, vault_factory, tm
     assert len(blob_gets(reg)) == len(small.blobs)
     assert reg.token_requests == 1
     assert [r["status"] for r in reg.requests if r["path"] == "/v2/"] == [401]  # one probe for the realm
+    # manifests are asked for with every type the vault can keep
+    for r in reg.requests_to("registry", path_contains="/manifests/"):
+        assert {t.strip() for t in r["headers"]["accept"].split(",")} == set(ALL_TYPES.split(", ")), r
 
     # the path-prefixed form names the second registry; the same blobs are not fetched again
     ghcr_small = ghcr.manifest("library/small", "1.0")
@@ -350,6 +353,11 @@ async def test_manifest_negotiation_headers_and_conditional_requests(rig, vault_
     status, headers, body = await in_thread(fetch, "GET", base + "multi/manifests/1.0",
                                             {"Accept": ALL_TYPES, "If-None-Match": f'"{multi.digest}"'})
     assert status == 304 and body == b""
+    # a HEAD for a blob not stored: upstream's HEAD answers it, no download starts
+    config = amd64.config
+    status, headers, body = await in_thread(fetch, "HEAD", base + f"multi/blobs/{config.digest}")
+    assert (status, body, headers["content-length"]) == (200, b"", str(config.size))
+    assert v.store.lookup(blob_key(config.digest)) is None and not blob_gets(reg, config.digest)
     # blobs: HEAD, a single range, Docker-Content-Digest
     layer = amd64.layers()[0]
     status, headers, body = await in_thread(fetch, "GET", base + f"multi/blobs/{layer.digest}", {"Range": "bytes=5-14"})
@@ -434,6 +442,12 @@ async def test_errors_in_the_registry_form(rig, vault_factory, tmp_path, home, l
     reg.fault("hang", match="/manifests/")
     status, _, code, _ = await call("GET", "multi/manifests/1.0")
     assert status == 504
+    reg.clear_faults()
+    # a manifest by digest whose bytes are not the digest's: 502, nothing kept
+    lst = reg.manifest("library/multilist", "1.0")
+    reg.fault("corrupt", match=f"/manifests/{lst.digest}")
+    status, _, code, _ = await call("GET", f"multilist/manifests/{lst.digest}")
+    assert (status, code) == (502, "UNAVAILABLE") and v.store.lookup(blob_key(lst.digest)) is None
     reg.clear_faults()
     await reg.close()
     status, _, code, _ = await call("GET", "dockerv2/manifests/1.0")
