@@ -337,18 +337,29 @@ def read_body(response, limit: int, truncate: bool = False, timeout: float = 60,
     Read a small upstream body into memory: at most `limit` bytes.  Past the
     limit, the body is cut (``truncate=True``, for error texts) or the read
     fails; a body that breaks off, or stays silent for `timeout` seconds,
-    fails unless ``truncate`` is set (then what came is kept).
+    fails unless ``truncate`` is set (then what came is kept).  Cancelling
+    the Deferred stops the transfer.
     """
-    d = Deferred()
     if clock is None:
         from twisted.internet import reactor as clock
+
+    def cancel(_):
+        collect.cancelled = True
+        if collect.transport is not None:
+            collect.transport.stopProducing()
+
+    d = Deferred(cancel)
 
     class Collect(Protocol):
         def __init__(self):
             self.parts, self.size, self.too_big, self.stalled = [], 0, False, False
             self.idle = None
+            self.cancelled = False
 
         def connectionMade(self):
+            if self.cancelled:
+                self.transport.stopProducing()
+                return
             self.idle = clock.callLater(timeout, self._stall)
 
         def _stall(self):
@@ -372,6 +383,8 @@ def read_body(response, limit: int, truncate: bool = False, timeout: float = 60,
         def connectionLost(self, reason):
             if self.idle is not None and self.idle.active():
                 self.idle.cancel()
+            if d.called:  # cancelled: the caller has its answer already
+                return
             if self.stalled and not truncate:
                 d.errback(UpstreamTimeout(f"upstream answer stalled for {timeout:g} s"))
             elif self.too_big and not truncate:
@@ -381,8 +394,27 @@ def read_body(response, limit: int, truncate: bool = False, timeout: float = 60,
             else:
                 d.errback(UpstreamUnavailable(f"upstream answer broke off: {reason.getErrorMessage()[:120]}"))
 
-    response.deliverBody(Collect())
+    collect = Collect()
+    response.deliverBody(collect)
     return d
+
+
+def within(d: Deferred, seconds: float, clock, what: str) -> Deferred:
+    """
+    `d`, cancelled and failed with `UpstreamTimeout` unless it fires within
+    `seconds`: a bound on a whole upstream exchange (answer and body), for
+    callers that have something else to answer with when upstream is slow.
+    """
+    timer = clock.callLater(seconds, d.cancel)
+
+    def done(result):
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(CancelledError, UpstreamTimeout):
+            raise UpstreamTimeout(f"{what} took longer than {seconds:g} s")
+        return result
+
+    return d.addBoth(done)
 
 
 def storage_error(e: OSError, key: str) -> VaultError:
