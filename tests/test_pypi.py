@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThread
 
 from tests.fakepypi import HTML_V1, JSON_V1, FakePyPI
 from tests.hfenv import vault_process
-from tests.pypienv import fake_pypi, new_env, new_uv_env, pip_download, pip_install, uv_pip_install
+from tests.pypienv import client_env, fake_pypi, new_env, new_uv_env, pip_download, pip_install, uv_pip_install
 from tests.test_core import temp_files
 
 PIP_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
@@ -235,3 +235,150 @@ async def test_answers_do_not_depend_on_accept_encoding(fake, vault_factory):
     status, headers, body = await get(urljoin(url, sdist["url"]), accept_encoding="gzip")
     assert status == 200 and "content-encoding" not in headers
     assert hashlib.sha256(body).hexdigest() == sdist["hashes"]["sha256"] and body[:2] == b"\x1f\x8b"
+
+
+# -- installs with the real clients -------------------------------------------------------
+
+
+async def install_all(index, tmp_path, name, client, *requirements):
+    """A fresh environment, then pip or uv installs `requirements` (all of the catalog by default)."""
+    make, installer = (new_env, pip_install) if client == "pip" else (new_uv_env, uv_pip_install)
+    env = await run(make, tmp_path / name)
+    res = await run(installer, index, *(requirements or ("alpha", "gamma", "delta", "Zeta_Utils")), target_env=env)
+    assert res.returncode == 0, res.stderr
+    return env, res
+
+
+@pytest.mark.parametrize("client", ["pip", "uv"])
+@pytest_twisted.ensureDeferred
+async def test_install_then_again_without_upstream(client, fake, vault_factory, tmp_path, logged):
+    v = vault_factory(pypi_backend(fake, index_ttl=0))
+    index = f"{v.url}/pypi/simple/"
+    env, _ = await install_all(index, tmp_path, "one", client)
+    assert await run(env.installed) == FULL_CATALOG
+    first = file_gets(fake)
+    assert first and set(first.values()) == {1}  # each file once
+    # neither the yanked release nor the one for Python >= 4 was fetched
+    assert not [p for p in first if "gamma-1.1" in p or "delta-2.0" in p]
+    if client == "uv":  # no .metadata for beta: uv's HEAD and Range reads went to the vault, not upstream
+        assert not [r for r in fake.requests if r["method"] == "HEAD" or r["headers"].get("range")]
+
+    # the second install asks upstream for pages only (index_ttl 0: revalidated, 304), no file
+    fake.reset()
+    env, _ = await install_all(index, tmp_path, "two", client)
+    assert await run(env.installed) == FULL_CATALOG
+    assert file_gets(fake) == {}
+    pages = page_gets(fake)
+    assert pages and {r["status"] for r in pages} == {304}
+    assert all("if-none-match" in r["headers"] for r in pages)
+
+    # upstream gone: the same install works from what the vault kept
+    await fake.close()
+    started = time.monotonic()
+    env, _ = await install_all(index, tmp_path, "three", client)
+    assert await run(env.installed) == FULL_CATALOG
+    assert time.monotonic() - started < 15
+    assert "from the cache" in logged.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_kept_pages_survive_a_restart_of_the_daemon(tmp_path):
+    with fake_pypi(tmp_path / "fake") as upstream:
+        backends = [{"type": "pypi", "config": {"base_url": upstream.index.rstrip("/"), "index_ttl": 0,
+                                                "offline_timeout": 2}}]
+        with vault_process(tmp_path / "vault", backends) as v:
+            env, _ = await install_all(f"{v.url}/pypi/simple/", tmp_path, "before", "pip", "alpha")
+    # the index and its file host are gone; a new daemon on the same cache still installs
+    with vault_process(tmp_path / "vault", backends) as v:
+        started = time.monotonic()
+        env, res = await install_all(f"{v.url}/pypi/simple/", tmp_path, "after", "uv", "alpha")
+        assert await run(env.installed) == {"alpha": "2.0", "beta": "1.0"}
+        assert time.monotonic() - started < 15
+        assert "Answering pypi simple/alpha/ from the cache" in v.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_release_appears_after_index_ttl(fake, vault_factory, tmp_path):
+    ttl = 3
+    v = vault_factory(pypi_backend(fake, index_ttl=ttl))
+    index = f"{v.url}/pypi/simple/"
+    started = time.monotonic()
+    env, _ = await install_all(index, tmp_path, "one", "uv", "beta")
+    assert await run(env.version_of, "beta") == "1.0"
+    fake.add_release("beta", "1.1")
+    env, _ = await install_all(index, tmp_path, "two", "pip", "beta")
+    if time.monotonic() - started < ttl:  # still within the TTL: the page kept is reused, upstream not asked
+        assert await run(env.version_of, "beta") == "1.0"
+        assert len([r for r in page_gets(fake) if r["path"] == "/simple/beta/"]) == 1
+    await deferToThread(time.sleep, max(0.0, started + ttl + 0.2 - time.monotonic()))
+    env, _ = await install_all(index, tmp_path, "three", "pip", "beta")
+    assert await run(env.version_of, "beta") == "1.1"
+    asked = [r for r in page_gets(fake) if r["path"] == "/simple/beta/"]
+    assert len(asked) == 2 and asked[1]["status"] == 200 and "if-none-match" in asked[1]["headers"]
+    # a yank upstream shows after the TTL too
+    fake.yank("beta", "1.1", "regression")
+    await deferToThread(time.sleep, ttl + 0.2)
+    page = await project_json(v, "beta")
+    assert {f["filename"]: f["yanked"] for f in page["files"]}["beta-1.1-py3-none-any.whl"] == "regression"
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupted_wheel_is_refused_and_not_cached(fake, vault_factory, tmp_path, logged):
+    v = vault_factory(pypi_backend(fake))
+    index = f"{v.url}/pypi/simple/"
+    wheel = fake.dist("beta-1.0-py3-none-any.whl")  # no .metadata: clients fetch the wheel itself
+    upstream_path = f"/packages/{_split(wheel.sha256)}/{wheel.filename}"
+    # a byte flipped where the zip does not look (a file header's date): only the sha256 can tell
+    fake.set_fault("corrupt", "files", only=wheel.filename, corrupt_at=10)
+    env = await run(new_env, tmp_path / "pip")
+    res = await run(pip_install, index, "beta", target_env=env, extra_args=["--retries", "0"])
+    assert res.returncode != 0 and await run(env.version_of, "beta") is None
+    assert file_gets(fake)[upstream_path] == 1
+    uv_env = await run(new_uv_env, tmp_path / "uv")
+    res = await run(uv_pip_install, index, "beta", target_env=uv_env, env=client_env({"UV_HTTP_RETRIES": "0"}))
+    assert res.returncode != 0 and await run(uv_env.version_of, "beta") is None
+    assert file_gets(fake)[upstream_path] == 2  # tried again for the second client: nothing was kept
+    assert on_disk(v, "files") == [] and not temp_files(v.config.cache_dir)
+    assert f"sha256 of pypi/files/beta/{wheel.sha256}/{wheel.filename} is" in logged.text()
+    # a client streaming it sees a broken transfer, never a clean wrong body
+    status, headers, body = None, None, None
+    try:
+        status, headers, body = await get(f"{v.url}/pypi/files/beta/{wheel.sha256}/{wheel.filename}")
+    except Exception as e:  # noqa: BLE001 - the connection is cut
+        status = type(e).__name__
+    assert status != 200 or len(body) < wheel.size, status
+    # without the fault the next install fetches it again, verified, and keeps it
+    fake.set_fault("normal")
+    env, _ = await install_all(index, tmp_path, "again", "pip", "beta")
+    assert await run(env.version_of, "beta") == "1.0"
+    assert on_disk(v, "files") == [f"beta/{wheel.sha256}/{wheel.filename}"]
+
+
+def _split(sha):
+    return f"{sha[:2]}/{sha[2:4]}/{sha[4:]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_concurrent_installs_one_upstream_get_per_file(fake, vault_factory, tmp_path):
+    v = vault_factory(pypi_backend(fake))
+    index = f"{v.url}/pypi/simple/"
+    clients = ["pip"] * 6 + ["uv"] * 14
+    envs = await gatherResults([run(new_env if c == "pip" else new_uv_env, tmp_path / f"env{i}")
+                                for i, c in enumerate(clients)])
+
+    def install(i):
+        installer = pip_install if clients[i] == "pip" else uv_pip_install
+        return installer(index, "alpha", "gamma", "Zeta_Utils", target_env=envs[i], timeout=120)
+
+    def all_at_once():
+        with ThreadPoolExecutor(len(clients)) as pool:
+            return list(pool.map(install, range(len(clients))))
+
+    results = await run(all_at_once)
+    assert [r.returncode for r in results] == [0] * len(clients), [r.stderr for r in results if r.returncode]
+    for env in envs[:2] + envs[-2:]:
+        assert await run(env.installed) == {"alpha": "2.0", "beta": "1.0", "gamma": "1.0", "zeta-utils": "0.5"}
+    gets = file_gets(fake)
+    assert len(gets) >= 6 and set(gets.values()) == {1}, gets
+    pages = [r["path"] for r in page_gets(fake)]
+    assert sorted(pages) == sorted(set(pages))  # and one page fetch per project
