@@ -382,3 +382,202 @@ async def test_twenty_concurrent_installs_one_upstream_get_per_file(fake, vault_
     assert len(gets) >= 6 and set(gets.values()) == {1}, gets
     pages = [r["path"] for r in page_gets(fake)]
     assert sorted(pages) == sorted(set(pages))  # and one page fetch per project
+
+
+# -- upstream failing, offline answers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["down5xx", "429", "hang"])
+@pytest_twisted.ensureDeferred
+async def test_kept_page_served_when_upstream_fails(mode, fake, vault_factory, logged):
+    v = vault_factory(pypi_backend(fake, index_ttl=0, offline_timeout=1))
+    page = await project_json(v, "alpha")
+    fake.set_fault(mode, "index")
+    started = time.monotonic()
+    stale = await project_json(v, "alpha")
+    assert time.monotonic() - started < 2.5  # a silent upstream holds it back offline_timeout at most
+    assert "Answering pypi simple/alpha/ from the cache" in logged.text()
+    for f in page["files"]:  # no .metadata is cached: none is offered while upstream cannot serve it
+        f.pop("core-metadata", None)
+    assert stale == page
+    # a project never kept: upstream's failure shows (502, or its 429), never a 404 that would hide it
+    status, _, _ = await get(f"{v.url}/pypi/simple/gamma/", accept=JSON_V1)
+    assert status in (502, 504) or (mode == "429" and status == 429), status
+
+
+@pytest_twisted.ensureDeferred
+async def test_metadata_advertised_only_when_it_can_be_served(fake, vault_factory):
+    v = vault_factory(pypi_backend(fake, index_ttl=0))
+    page = await project_json(v, "alpha")
+    wheels = {f["filename"]: f for f in page["files"] if f["filename"].endswith(".whl")}
+    assert all("core-metadata" in f for f in wheels.values())
+    base = f"{v.url}/pypi/simple/alpha/"
+    old, new = wheels["alpha-1.0-py3-none-any.whl"], wheels["alpha-2.0-py3-none-any.whl"]
+    status, _, body = await get(urljoin(base, old["url"]) + ".metadata")
+    assert status == 200 and hashlib.sha256(body).hexdigest() == old["core-metadata"]["sha256"]
+    assert b"Name: alpha" in body
+    status, _, _ = await get(urljoin(base, new["url"]))  # the wheel, not its metadata
+    assert status == 200
+    fake.set_fault("down5xx", "both")
+    offline = await project_json(v, "alpha")
+    offered = {f["filename"]: "core-metadata" in f for f in offline["files"] if f["filename"].endswith(".whl")}
+    assert offered == {"alpha-1.0-py3-none-any.whl": True, "alpha-2.0-py3-none-any.whl": False}
+    _, _, body = await get(base, accept="text/html")
+    links = {a["href"].split("#")[0].rsplit("/", 1)[1]: a for a in Anchors(body.decode()).links}
+    assert "data-core-metadata" in links["alpha-1.0-py3-none-any.whl"]
+    assert "data-core-metadata" not in links["alpha-2.0-py3-none-any.whl"]
+    assert "data-dist-info-metadata" not in links["alpha-2.0-py3-none-any.whl"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_head_and_range(fake, vault_factory):
+    v = vault_factory(pypi_backend(fake))
+    wheel = fake.dist("beta-1.0-py3-none-any.whl")
+    data = open(wheel.path, "rb").read()
+    url = f"{v.url}/pypi/files/beta/{wheel.sha256}/{wheel.filename}"
+    await project_json(v, "beta")
+    status, headers, body = await get(url, "HEAD")
+    assert status == 200 and body == b""
+    assert headers["content-length"] == str(len(data)) and headers["accept-ranges"] == "bytes"
+    assert headers["etag"] == f'"{wheel.sha256}"'
+    assert file_gets(fake) == {} and not [r for r in fake.requests if r["server"] == "files"]
+    status, headers, body = await get(url, range="bytes=-100")  # where a zip keeps its directory
+    assert status == 206 and body == data[-100:]
+    assert headers["content-range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
+    status, headers, body = await get(url, range="bytes=0-99")
+    assert status == 206 and body == data[:100]
+    status, headers, body = await get(url, "HEAD")
+    assert status == 200 and headers["content-length"] == str(len(data)) and headers["etag"] == f'"{wheel.sha256}"'
+    status, _, body = await get(url)
+    assert status == 200 and body == data
+    assert list(file_gets(fake).values()) == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_html_only_upstream(fake, vault_factory, tmp_path):
+    """A static HTML index (like the PyTorch one): JSON for pip and uv all the same, with every field."""
+    fake.html_only = True
+    v = vault_factory(pypi_backend(fake))
+    page = await project_json(v, "gamma")
+    assert page["meta"]["api-version"] == "1.0"  # HTML gives no sizes, which API 1.1 promises
+    assert sorted(page["versions"]) == ["1.0", "1.1"]
+    files = {f["filename"]: f for f in page["files"]}
+    assert files["gamma-1.1-py3-none-any.whl"]["yanked"] == 'broken <build> & "bad" wheel'
+    assert files["gamma-1.0-py3-none-any.whl"]["yanked"] is False
+    want = fake.dist("gamma-1.0-py3-none-any.whl")
+    assert files["gamma-1.0-py3-none-any.whl"]["hashes"] == {"sha256": want.sha256}
+    assert files["gamma-1.0-py3-none-any.whl"]["core-metadata"] == {"sha256": want.metadata_sha256}
+    delta = await project_json(v, "delta")
+    assert {f["filename"]: f.get("requires-python") for f in delta["files"]}["delta-2.0.tar.gz"] == ">=4.0"
+    index = f"{v.url}/pypi/simple/"
+    env, _ = await install_all(index, tmp_path, "pip", "pip")
+    assert await run(env.installed) == FULL_CATALOG
+    env, _ = await install_all(index, tmp_path, "uv", "uv")
+    assert await run(env.installed) == FULL_CATALOG
+    upstream_types = {r["headers"]["accept"] for r in page_gets(fake)}
+    assert upstream_types == {"application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2,"
+                              " text/html;q=0.01"}
+    assert set(file_gets(fake).values()) == {1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_go_to_the_index_origin_only(fake, vault_factory, tmp_path):
+    secret = {"Authorization": "Basic c2VjcmV0OnNlY3JldA==", "X-Index-Key": "k-123"}
+    v = vault_factory(pypi_backend(fake, headers=secret))
+    env, _ = await install_all(f"{v.url}/pypi/simple/", tmp_path, "pip", "pip", "alpha")
+    index_requests = [r for r in fake.requests if r["server"] == "index"]
+    file_requests = [r for r in fake.requests if r["server"] == "files"]
+    assert index_requests and file_requests
+    assert all(r["headers"].get("authorization") == secret["Authorization"] for r in index_requests)
+    assert all(r["headers"].get("x-index-key") == "k-123" for r in index_requests)
+    assert not [r for r in file_requests if "authorization" in r["headers"] or "x-index-key" in r["headers"]]
+    # files on the index's own origin (relative URLs, like a private index) get them
+    fake.same_host = True
+    fake.reset()
+    v = vault_factory(pypi_backend(fake, headers=secret), cache_dir=str(tmp_path / "cache2"))
+    env, _ = await install_all(f"{v.url}/pypi/simple/", tmp_path, "uv", "uv", "alpha")
+    assert await run(env.installed) == {"alpha": "2.0", "beta": "1.0"}
+    files = [r for r in fake.requests if r["path"].startswith("/packages/")]
+    assert files and all(r["server"] == "index" for r in files)
+    assert all(r["headers"].get("authorization") == secret["Authorization"] for r in files)
+
+
+# -- attacks ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_names_paths_and_queries_are_4xx_and_leave_nothing(fake, vault_factory):
+    v = vault_factory(pypi_backend(fake))
+    alpha = fake.dist("alpha-2.0-py3-none-any.whl")
+    beta = fake.dist("beta-1.0-py3-none-any.whl")
+    await project_json(v, "alpha")
+    await project_json(v, "beta")
+    fake.reset()
+    sha, files = alpha.sha256, f"{v.url}/pypi/files"
+    attempts = [
+        "/pypi/simple/..%2F..%2Fetc/", "/pypi/simple/%2e%2e/", "/pypi/simple/-alpha-/", "/pypi/simple/al%20pha/",
+        "/pypi/simple/" + "a" * 300 + "/", "/pypi/simple/alpha%00/", "/pypi/simple/alpha/?url=http://127.0.0.2/x",
+        "/pypi/simple/alpha/?format=text/html&format=x", "/pypi/simple/alpha/x", "/pypi/simple/alpha//",
+        "/pypi/simple/%C3%A9t%C3%A9/", "/pypi/simple/alpha%2Fbeta/",
+        f"/pypi/files/alpha/{sha}/..%2F..%2F..%2Fetc%2Fpasswd", f"/pypi/files/alpha/{sha}/%2e%2e",
+        f"/pypi/files/alpha/{sha}/{alpha.filename}?u=http://127.0.0.2/", "/pypi/files/alpha/notahash/x.whl",
+        f"/pypi/files/alpha/{'g' * 64}/{alpha.filename}", f"/pypi/files/alpha/{sha.upper()}/{alpha.filename}",
+        f"/pypi/files/Alpha/{sha}/{alpha.filename}", f"/pypi/files/alpha/{'0' * 64}/{alpha.filename}",
+        f"/pypi/files/alpha/{sha}/alpha-9.9-py3-none-any.whl", f"/pypi/files/alpha/{beta.sha256}/{beta.filename}",
+        f"/pypi/files/alpha/url-{'0' * 32}/{alpha.filename}", f"/pypi/files/alpha/{sha}/{alpha.filename}.metadata.x",
+        f"/pypi/files/beta/{beta.sha256}/{beta.filename}.metadata", f"/pypi/files/alpha/{sha}",
+        f"/pypi/files/alpha/{sha}/{alpha.filename}/x", f"/pypi/files/alpha/{sha}/x.vault-meta",
+        "/pypi/http://127.0.0.2/packages/x.whl", "/pypi/http%3A%2F%2F127.0.0.2%2Fx", f"/pypi/{fake.files_url}/x",
+        "/pypi/", "/pypi/files/", "/pypi/files/alpha/",
+    ]
+    for path in attempts:
+        status, _, body = await get(v.url + path, accept=JSON_V1)
+        assert 400 <= status < 500, (path, status, body)
+    for method in ("POST", "PUT", "DELETE"):
+        status, headers, _ = await get(f"{v.url}/pypi/simple/alpha/", method)
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert [r for r in fake.requests if r["server"] == "files"] == []  # nothing fetched for anyone
+    assert on_disk(v) == ["simple/alpha", "simple/beta"]
+    assert not temp_files(v.config.cache_dir)
+    # names upstream does not know: 404 each, nothing kept, nothing remembered without bound
+    backend = v.vault.backend("pypi")
+    for i in range(150):
+        status, _, _ = await get(f"{v.url}/pypi/simple/no-such-project-{i}/", accept=JSON_V1)
+        assert status == 404
+    assert on_disk(v) == ["simple/alpha", "simple/beta"]
+    assert len(backend.memo) <= 2 and len(backend.kept._asking) == 0
+    assert not os.listdir(os.path.join(v.config.cache_dir, ".locks")) if os.path.isdir(
+        os.path.join(v.config.cache_dir, ".locks")) else True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_names_only_what_the_vault_may_fetch(upstream, vault_factory):
+    good = b"an sdist's bytes"
+    sha = hashlib.sha256(good).hexdigest()
+    upstream.add("/files/evil-1.0.tar.gz", good)
+    upstream.add("/files/evil-3.0.tar.gz", b"no hash for me")
+    page = {"meta": {"api-version": "1.1"}, "name": "evil", "files": [
+        {"filename": "evil-1.0.tar.gz", "url": "../../files/evil-1.0.tar.gz", "hashes": {"sha256": sha}},
+        {"filename": "passwd", "url": "file:///etc/passwd", "hashes": {}},
+        {"filename": "../../escape.tar.gz", "url": "/files/evil-1.0.tar.gz", "hashes": {"sha256": sha}},
+        {"filename": "evil-2.0.tar.gz", "url": "gopher://127.0.0.1/x", "hashes": {}},
+        {"filename": "evil-3.0.tar.gz", "url": "/files/evil-3.0.tar.gz", "hashes": {"sha256": "not hex"},
+         "yanked": {"x": 1}, "requires-python": "\x00>=3", "size": -1, "upload-time": "yesterday"},
+        {"filename": "evil-4.0-py3-none-any.whl.metadata", "url": "/files/x", "hashes": {}},
+        "not a file",
+    ]}
+    upstream.add("/simple/evil/", json.dumps(page).encode(), content_type=JSON_V1)
+    v = vault_factory([{"type": "pypi", "config": {"base_url": upstream.url + "/simple"}}])
+    got = await project_json(v, "evil")
+    files = {f["filename"]: f for f in got["files"]}
+    assert sorted(files) == ["evil-1.0.tar.gz", "evil-3.0.tar.gz"]
+    unchecked = files["evil-3.0.tar.gz"]
+    assert unchecked["hashes"] == {} and unchecked["yanked"] is False and "/url-" in unchecked["url"]
+    assert not {"requires-python", "size", "upload-time"} & set(unchecked)
+    base = f"{v.url}/pypi/simple/evil/"
+    status, _, body = await get(urljoin(base, files["evil-1.0.tar.gz"]["url"]))
+    assert status == 200 and body == good
+    status, headers, body = await get(urljoin(base, unchecked["url"]))
+    assert status == 200 and body == b"no hash for me" and "etag" in headers
+    assert sorted(r.path for r in upstream.requests) == ["/files/evil-1.0.tar.gz", "/files/evil-3.0.tar.gz",
+                                                         "/simple/evil/"]

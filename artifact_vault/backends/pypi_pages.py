@@ -230,10 +230,12 @@ def _core_metadata(value) -> bool | dict:
 
 
 def _yanked(value) -> bool | str:
-    if value is None or value is False:
-        return False
-    reason = _text(value) if isinstance(value, str) else None
-    return reason if reason else True
+    """PEP 592: true, or the reason (HTML's empty attribute: no reason); anything else is not a yank."""
+    if value is True:
+        return True
+    if isinstance(value, str):
+        return _text(value) or True
+    return False
 
 
 def _filename_ok(name: str) -> bool:
