@@ -27,7 +27,9 @@ from twisted.internet.threads import deferToThread
 
 from tests.fakepypi import HTML_V1, JSON_V1, FakePyPI
 from tests.hfenv import vault_process
-from tests.pypienv import client_env, fake_pypi, new_env, new_uv_env, pip_download, pip_install, uv_pip_install
+from tests.pypienv import (client_env, fake_pypi, new_env, new_uv_env, pip_install, uv_command,
+                            uv_pip_install)
+from tests.pypienv import run as run_client
 from tests.test_core import temp_files
 
 PIP_ACCEPT = "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
@@ -282,6 +284,33 @@ async def test_install_then_again_without_upstream(client, fake, vault_factory, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_client_configuration_as_documented(fake, vault_factory, tmp_path):
+    """PIP_INDEX_URL, pip.conf, UV_INDEX_URL and uv.toml, as docs/pypi.rst shows them."""
+    v = vault_factory(pypi_backend(fake))
+    index = f"{v.url}/pypi/simple/"
+    (tmp_path / "pip.conf").write_text(f"[global]\nindex-url = {index}\n")
+    (tmp_path / "uv.toml").write_text(f'[[index]]\nurl = "{index}"\ndefault = true\n')
+    uv_toml_env = client_env()
+    del uv_toml_env["UV_NO_CONFIG"]
+    ways = [
+        ("pip", client_env({"PIP_INDEX_URL": index}), []),
+        ("pip", client_env({"PIP_CONFIG_FILE": str(tmp_path / "pip.conf")}), []),
+        ("uv", client_env({"UV_INDEX_URL": index}), []),
+        ("uv", uv_toml_env, ["--config-file", str(tmp_path / "uv.toml")]),
+    ]
+    for i, (client, environ, options) in enumerate(ways):
+        if client == "pip":
+            env = await run(new_env, tmp_path / f"env{i}")
+            command = [env.python, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check", "beta"]
+        else:
+            env = await run(new_uv_env, tmp_path / f"env{i}")
+            command = uv_command() + ["pip", "install", "--python", env.python, "--no-cache", *options, "beta"]
+        res = await run(run_client, command, env=environ, timeout=60)
+        assert res.returncode == 0 and await run(env.version_of, "beta") == "1.0", (client, options, res.stderr)
+    assert set(file_gets(fake).values()) == {1}  # all four through the vault, which fetched once
+
+
+@pytest_twisted.ensureDeferred
 async def test_kept_pages_survive_a_restart_of_the_daemon(tmp_path):
     with fake_pypi(tmp_path / "fake") as upstream:
         backends = [{"type": "pypi", "config": {"base_url": upstream.index.rstrip("/"), "index_ttl": 0,
@@ -513,7 +542,7 @@ async def test_bad_names_paths_and_queries_are_4xx_and_leave_nothing(fake, vault
     await project_json(v, "alpha")
     await project_json(v, "beta")
     fake.reset()
-    sha, files = alpha.sha256, f"{v.url}/pypi/files"
+    sha = alpha.sha256
     attempts = [
         "/pypi/simple/..%2F..%2Fetc/", "/pypi/simple/%2e%2e/", "/pypi/simple/-alpha-/", "/pypi/simple/al%20pha/",
         "/pypi/simple/" + "a" * 300 + "/", "/pypi/simple/alpha%00/", "/pypi/simple/alpha/?url=http://127.0.0.2/x",
