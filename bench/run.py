@@ -96,6 +96,7 @@ FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB, 64
 SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, MiB, 16 * MiB, 8)
 #: what test 8 downloads: the fake index's catalog (alpha pulls in beta) and the big wheel
 PIP_REQUIREMENTS = ("alpha", "gamma", "delta", "Zeta_Utils", "payload")
+PIP_TRIES = 3
 
 
 @dataclass
@@ -481,9 +482,15 @@ class Bench:
         vault_index = f"{self.vault.url}/{PYPI_BACKEND}/simple/"
         self.pip_download(vault_index)  # warm: pages kept, files cached
         self.pip_download(self.index.url)  # and the reference's files in the page cache
+
+        def best(index_url):
+            # pip's own start-up and hashing are most of a run, and other load on the machine
+            # lands on one run or another: each figure is the best of PIP_TRIES runs
+            return 1 / min(self.pip_download(index_url) for _ in range(PIP_TRIES))
+
         v_times, d_times, ratios = self.paired(
-            lambda: 1 / self.pip_download(vault_index), lambda: 1 / self.pip_download(self.index.url),
-            lambda v, d: f"vault {1 / v:.2f} s, direct {1 / d:.2f} s")
+            lambda: best(vault_index), lambda: best(self.index.url),
+            lambda v, d: f"vault {1 / v:.2f} s, direct {1 / d:.2f} s (best of {PIP_TRIES})")
         ratio = median(ratios)
         row.vault = f"{1 / median(v_times):.2f} s"
         row.reference = f"{1 / median(d_times):.2f} s (fake index, tests/fakepypi.py)"
