@@ -140,6 +140,18 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
     ),
 }
 
+BACKEND_TYPES["pypi"] = (
+    {
+        # How long a simple-index page is reused before upstream is asked
+        # again (seconds; a conditional request).  0 asks on every request.
+        "index_ttl": Option((int, float), 600, lambda v: None if v >= 0 else "must be 0 or more"),
+        # How long a request waits for upstream when a kept page could answer
+        # instead (seconds).  pip gives up after 15 s.
+        "offline_timeout": Option((int, float), 4, _positive),
+    },
+    {"prefix": "/pypi/"},
+)
+
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
              "admin_token", "allowed_hosts", "backends"}
 

@@ -343,18 +343,28 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
     """
     Read a small upstream body into memory: at most `limit` bytes (more
     fails the read), failing too when it breaks off or stays silent for
-    `timeout` seconds.
+    `timeout` seconds.  Cancelling the Deferred stops the transfer.
     """
-    d = Deferred()
     if clock is None:
         from twisted.internet import reactor as clock
+
+    def cancel(_):
+        collect.cancelled = True
+        if collect.transport is not None:
+            collect.transport.stopProducing()
+
+    d = Deferred(cancel)
 
     class Collect(Protocol):
         def __init__(self):
             self.parts, self.size, self.too_big, self.stalled = [], 0, False, False
             self.idle = None
+            self.cancelled = False
 
         def connectionMade(self):
+            if self.cancelled:
+                self.transport.stopProducing()
+                return
             self.idle = clock.callLater(timeout, self._stall)
 
         def _stall(self):
@@ -376,6 +386,8 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
         def connectionLost(self, reason):
             if self.idle is not None and self.idle.active():
                 self.idle.cancel()
+            if d.called:  # cancelled: the caller has its answer already
+                return
             if self.stalled:
                 d.errback(UpstreamTimeout(f"upstream answer stalled for {timeout:g} s"))
             elif self.too_big:
@@ -385,8 +397,27 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
             else:
                 d.errback(UpstreamUnavailable(f"upstream answer broke off: {reason.getErrorMessage()[:120]}"))
 
-    response.deliverBody(Collect())
+    collect = Collect()
+    response.deliverBody(collect)
     return d
+
+
+def within(d: Deferred, seconds: float, clock, what: str) -> Deferred:
+    """
+    `d`, cancelled and failed with `UpstreamTimeout` unless it fires within
+    `seconds`: a bound on a whole upstream exchange (answer and body), for
+    callers that have something else to answer with when upstream is slow.
+    """
+    timer = clock.callLater(seconds, d.cancel)
+
+    def done(result):
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(CancelledError, UpstreamTimeout):
+            raise UpstreamTimeout(f"{what} took longer than {seconds:g} s")
+        return result
+
+    return d.addBoth(done)
 
 
 def storage_error(e: OSError, key: str) -> VaultError:

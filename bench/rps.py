@@ -50,11 +50,12 @@ def _connect(host, port):
     return _Conn(sock)
 
 
-def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout):
+def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout, headers=()):
     host_header = f"{host}:{port}".encode()
+    extra = b"".join(h.encode("latin-1") + b"\r\n" for h in headers)
     requests = {
-        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n\r\n" % (target.encode(), host_header),
-        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n\r\n" % (target.encode(), host_header),
+        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
+        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
     }
     sel = selectors.DefaultSelector()
     try:
@@ -128,15 +129,18 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
     return {"ok": ok, "errors": errors, "statuses": statuses}
 
 
-def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None):
+def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, headers=()):
     """
     Requests per second (HEAD+GET alternating) against `url` over
-    `connections` connections split across `processes` worker processes.
+    `connections` connections split across `processes` worker processes,
+    each request with the extra `headers` ("Name: value" lines).
     Returns {"rps", "ok", "errors", "statuses"}.
     """
     processes = max(1, min(processes, connections))
     shares = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
     argv = [sys.executable, "-m", "bench.rps", url, "--worker", "-d", str(duration), "-w", str(warmup)]
+    for header in headers:
+        argv += ["-H", header]
     spawn = procs.spawn if procs is not None else subprocess.Popen
     workers = [spawn(argv + ["-c", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                for n in shares]
@@ -174,18 +178,21 @@ def main(argv=None):
     ap.add_argument("-d", "--duration", type=float, default=5.0)
     ap.add_argument("-w", "--warmup", type=float, default=1.0)
     ap.add_argument("-p", "--processes", type=int, default=2)
+    ap.add_argument("-H", "--header", action="append", default=[], help="an extra request header, 'Name: value'")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     u = urlsplit(args.url)
     target = (u.path or "/") + ("?" + u.query if u.query else "")
     if args.worker:
-        result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup)
+        result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup,
+                        headers=args.header)
         if result is None:
             return 1
         print(json.dumps(result))
         return 0
     try:
-        result = measure(args.url, args.connections, args.duration, args.warmup, args.processes)
+        result = measure(args.url, args.connections, args.duration, args.warmup, args.processes,
+                         headers=args.header)
     except BenchError as e:
         sys.stderr.write(f"{e}\n")
         return 1

@@ -20,6 +20,8 @@ failed, 2 for a usage problem (nginx missing in full mode), 130 on Ctrl-C.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -29,18 +31,22 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 from . import clients, rps
 from .data import config_json, make_big_file, write_small
 from .machine import header_lines
 from .services import (
     BACKEND,
+    PYPI_BACKEND,
     BenchError,
     Processes,
     clear_peak_rss,
+    http_request,
     find_nginx,
     memory_status,
     nginx_version,
+    start_fake_index,
     start_nginx,
     start_static,
     start_upstream,
@@ -58,6 +64,9 @@ TARGETS = {
     5: "1 GET; ≤ 1.2×",
     6: "< 100 MiB",
     7: "≥ 1.7×",
+    8: "≥ 1.0",
+    9: "≥ 0.8",
+    10: "< 100 MiB",
 }
 
 
@@ -75,13 +84,19 @@ class Plan:
     clients5: int
     origin_rate: float  # bytes/s the origin sends the test-5 file at
     huge: int  # the file of test 6
+    wheel: int  # bytes of padding in the big wheel of test 8 (the rest of the fake index is small)
+    huge_wheel: int  # bytes of padding in the wheel of test 10
+    wheel_clients: int  # clients of test 10
 
 
 # Test 5's origin is throttled so that what 64 clients draw together (64 × ~9 MB/s) stays well
 # under what this machine serves to many clients (test 2): the figure then shows what
 # coalescing costs, not the serving bandwidth that test 2 already measures.
-FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB)
-SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB)
+FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB, 64 * MiB, 2 * GiB, 8)
+SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, MiB, 16 * MiB, 8)
+#: what test 8 downloads: the fake index's catalog (alpha pulls in beta) and the big wheel
+PIP_REQUIREMENTS = ("alpha", "gamma", "delta", "Zeta_Utils", "payload")
+PIP_TRIES = 3
 
 
 @dataclass
@@ -138,7 +153,7 @@ class Bench:
         self.rps_processes = rps_processes
         self.procs = Processes()
         self.t0 = time.monotonic()
-        self.upstream = self.vault = self.nginx = None
+        self.upstream = self.vault = self.nginx = self.index = None
         self.big_names = [f"{chr(ord('A') + i)}.bin" for i in range(plan.files2)]
         self.rows: dict[int, Row] = {}
         self.failed = False
@@ -187,6 +202,7 @@ class Bench:
         need = sum(size for name, size, _ in wanted if not _same_size(self.src(name), size))
         # sources + the vault's copies + test 4's extra misses and direct downloads
         budget = need + 2 * p.files2 * p.big + (2 * p.runs + 1) * p.big + (2 * p.runs + 1) * p.slow_size + p.huge
+        budget += 3 * p.huge_wheel + 4 * p.wheel  # test 10's wheel (source, cache) and test 8's (+ downloads)
         free = shutil.disk_usage(self.workdir).free
         if free < budget:
             raise BenchError(f"not enough disk space in {self.workdir}: {free / GiB:.1f} GiB free, "
@@ -203,8 +219,11 @@ class Bench:
             self.upstream.add(f"/big/{name}", self.src(name))
         self.upstream.add("/huge/huge.bin", self.src("huge.bin"))
         self.upstream.add("/small/config.json", self.src("config.json"), content_type="application/json")
+        self.say("starting the fake PyPI index")
+        self.index = start_fake_index(self.procs, self.workdir)
+        self.index.control("release", {"project": "payload", "version": "1.0", "pad_bytes": p.wheel})
         self.say(f"starting the vault (cache {self.cache_dir})")
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, pypi_url=self.index.url)
 
     def start_nginx(self):
         if self.nginx is None and self.nginx_bin:
@@ -396,7 +415,8 @@ class Bench:
             return memory_status(self.vault.pid)["VmRSS"], "clear_refs"
         port = self.vault.extra["port"]
         self.procs.stop(self.vault.proc)
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port,
+                                 pypi_url=self.index.url)
         return memory_status(self.vault.pid)["VmRSS"], "restart"
 
     def test_memory(self) -> Row:
@@ -435,6 +455,120 @@ class Bench:
         row.figure, row.result = f"{ratio:.2f}×", verdict(ratio >= 1.7)
         return row
 
+    # -- PyPI ------------------------------------------------------------------
+
+    def pip_download(self, index_url: str) -> float:
+        """Seconds for one ``pip download`` of PIP_REQUIREMENTS from `index_url` (isolated, no cache)."""
+        from tests.pypienv import pip_download
+
+        dest = tempfile.mkdtemp(prefix="pip-download-", dir=self.workdir)
+        try:
+            t = time.perf_counter()
+            res = pip_download(index_url, *PIP_REQUIREMENTS, dest=dest, timeout=600)
+            elapsed = time.perf_counter() - t
+            if res.returncode != 0:
+                raise BenchError(f"pip download from {index_url} failed: {res.stderr.strip()[-300:]}")
+            got = sorted(os.listdir(dest))
+            if len(got) != 6:
+                raise BenchError(f"pip download from {index_url} gave {got}")
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        return elapsed
+
+    def test_pip_download(self) -> Row:
+        p = self.plan
+        row = Row(8, f"warm `pip download` of 6 wheels (one of {size_text(p.wheel)}) through the vault vs "
+                     f"straight from the fake index: speed (time direct / time through the vault)")
+        vault_index = f"{self.vault.url}/{PYPI_BACKEND}/simple/"
+        self.pip_download(vault_index)  # warm: pages kept, files cached
+        self.pip_download(self.index.url)  # and the reference's files in the page cache
+
+        def best(index_url):
+            # pip's own start-up and hashing are most of a run, and other load on the machine
+            # lands on one run or another: each figure is the best of PIP_TRIES runs
+            return 1 / min(self.pip_download(index_url) for _ in range(PIP_TRIES))
+
+        v_times, d_times, ratios = self.paired(
+            lambda: best(vault_index), lambda: best(self.index.url),
+            lambda v, d: f"vault {1 / v:.2f} s, direct {1 / d:.2f} s (best of {PIP_TRIES})")
+        ratio = median(ratios)
+        row.vault = f"{1 / median(v_times):.2f} s"
+        row.reference = f"{1 / median(d_times):.2f} s (fake index, tests/fakepypi.py)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 1.0)
+        return row
+
+    def test_index_pages(self) -> Row:
+        p = self.plan
+        row = Row(9, f"warm index page (JSON, 2 files) vs the 700-byte hit of row 3, HEAD+GET at "
+                     f"{p.rps_connections} connections: requests/s")
+        self.prime("small/config.json", 700)
+        accept = "Accept: application/vnd.pypi.simple.v1+json"
+        page_url = f"{self.vault.url}/{PYPI_BACKEND}/simple/alpha/"
+        status, _ = http_request(page_url, headers={"Accept": accept.split(": ")[1]})
+        if status != 200:
+            raise BenchError(f"{page_url} answered {status}")
+        small_url = f"{self.vault.url}/{BACKEND}/small/config.json"
+
+        def page_rps():
+            got = rps.measure(page_url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes,
+                              self.procs, headers=[accept])
+            if got["errors"] or not got["ok"]:
+                raise BenchError(f"{page_url}: {got['errors']} failed requests, answers {got['statuses']}")
+            return got["rps"]
+
+        pages, smalls, ratios = self.paired(page_rps, lambda: self.rps(small_url),
+                                            lambda a, b: f"page {a:,.0f} req/s, small file {b:,.0f} req/s")
+        ratio = median(ratios)
+        row.vault, row.reference = f"{median(pages):,.0f} req/s", f"{median(smalls):,.0f} req/s (small-file hit)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.8)
+        return row
+
+    def big_wheel(self) -> tuple[str, str]:
+        """The wheel of test 10, built once per data folder: (path, sha256)."""
+        from tests.fakepypi import build_wheel
+
+        folder = os.path.join(self.data_dir, f"wheel-{self.plan.huge_wheel}")
+        path = os.path.join(folder, "huge-1.0-py3-none-any.whl")
+        digest_file = path + ".sha256"
+        if not (os.path.exists(path) and os.path.exists(digest_file)):
+            os.makedirs(folder, exist_ok=True)
+            self.say(f"  building a wheel with {size_text(self.plan.huge_wheel)} of padding")
+            build_wheel(folder, "huge", "1.0", pad_bytes=self.plan.huge_wheel, seed=10)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            with open(digest_file, "w") as f:
+                f.write(digest.hexdigest())
+        with open(digest_file) as f:
+            return path, f.read().strip()
+
+    def test_wheel_memory(self) -> Row:
+        p = self.plan
+        row = Row(10, f"peak resident memory (VmHWM) of the vault while a {size_text(p.huge_wheel)} wheel "
+                      f"streams to {p.wheel_clients} clients (cold: one download, verified)")
+        path, sha = self.big_wheel()
+        added = self.index.control("dist", {"project": "huge", "path": path, "sha256": sha})
+        size = added["size"]
+        page_url = f"{self.vault.url}/{PYPI_BACKEND}/simple/huge/"
+        status, body = http_request(page_url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        if status != 200:
+            raise BenchError(f"the vault's page of huge answered {status}")
+        (entry,) = json.loads(body)["files"]
+        url = urljoin(page_url, entry["url"])
+        base, how = self.reset_peak()
+        wall, _ = clients.run_clients(self.procs, [url] * p.wheel_clients, size)
+        peak = memory_status(self.vault.pid)["VmHWM"]
+        gets = self.index.file_gets(os.path.basename(path))
+        self.say(f"  {p.wheel_clients} clients in {wall:.1f} s, {gets} upstream GET(s): peak {peak / MiB:.1f} MiB "
+                 f"(from {base / MiB:.1f} MiB, {how})")
+        shutil.rmtree(os.path.join(self.cache_dir, PYPI_BACKEND, "files", "huge"), ignore_errors=True)
+        row.vault = f"{peak / MiB:.1f} MiB; {gets} upstream GET; {rate_text(p.wheel_clients * size / wall)} in all"
+        row.reference = f"before: {base / MiB:.1f} MiB"
+        row.figure = f"{peak / MiB:.0f} MiB"
+        row.result = verdict(peak < 100 * MiB and gets == 1)
+        return row
+
     # -- the run ---------------------------------------------------------------
 
     def attempt(self, num: int, what: str, fn):
@@ -465,6 +599,9 @@ class Bench:
         self.attempt(5, "coalescing concurrent cold requests", self.test_coalesce)
         self.attempt(6, "peak memory while streaming", self.test_memory)
         self.attempt(7, "two processes vs one", self.test_processes)
+        self.attempt(8, "pip download through the vault vs straight from the index", self.test_pip_download)
+        self.attempt(9, "index page requests/s vs small-file hits", self.test_index_pages)
+        self.attempt(10, "peak memory while a big wheel streams to many clients", self.test_wheel_memory)
         for num, target in TARGETS.items():
             self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
 

@@ -10,4 +10,8 @@ def backend_class(type_name: str):
         from .huggingface import HuggingFaceBackend
 
         return HuggingFaceBackend
+    if type_name == "pypi":
+        from .pypi import PyPIBackend
+
+        return PyPIBackend
     raise KeyError(type_name)

@@ -27,8 +27,8 @@ from twisted.web.resource import Resource
 from ..bounded import LRU
 from ..config import BackendConfig
 from ..downloads import DownloadSpec
-from ..errors import MethodNotAllowed, UpstreamStatus, safe_url
-from ..fetch import Discard, read_body
+from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
+from ..fetch import Discard, origin, read_body
 from ..freshness import KeptAnswers, UpstreamHealth
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
@@ -67,8 +67,10 @@ class Backend(Resource):
         self.store = machinery.store
         self.downloads = machinery.downloads
         self.upstream = machinery.upstream
-        #: headers sent upstream on every request (and dropped on a hop to another origin)
+        #: headers sent with every request to the upstream's origin (never to another origin:
+        #: see `configured_headers`; a redirect to another origin drops them too)
         self.upstream_headers = dict(config.headers)
+        self.upstream_origin = origin(config.base_url) if config.base_url else None
         #: whether upstream answers at all (see freshness.UpstreamHealth)
         self.health = UpstreamHealth(self.name)
         #: small mutable answers of this backend (index pages, tags, API answers)
@@ -127,10 +129,25 @@ class Backend(Resource):
 
     # -- flows ---------------------------------------------------------------------------
 
+    def configured_headers(self, url: str) -> dict:
+        """
+        The configured ``headers`` for a request to `url`: all of them on the
+        upstream's own origin (``base_url``'s scheme, host and port), none on
+        any other (a file host an index names, a CDN): credentials go only
+        where they were configured for.
+        """
+        if not self.upstream_headers:
+            return {}
+        try:
+            same = origin(url) == self.upstream_origin
+        except VaultError:
+            same = False
+        return dict(self.upstream_headers) if same else {}
+
     def download_spec(self, key: str, url: str, *, headers: dict | None = None, **kw) -> DownloadSpec:
         """What a download of `url` into `key` needs, with this backend's headers, timeouts and limits."""
         return DownloadSpec(
-            key=key, url=url, headers={**self.upstream_headers, **(headers or {})},
+            key=key, url=url, headers={**self.configured_headers(url), **(headers or {})},
             sensitive_headers=tuple(self.sensitive_headers(headers)), timeout=self.config.timeout,
             max_redirects=self.config.max_redirects, **kw)
 
@@ -189,7 +206,7 @@ class Backend(Resource):
         return self.upstream.request(
             method,
             url,
-            {**self.upstream_headers, **(headers or {})},
+            {**self.configured_headers(url), **(headers or {})},
             timeout=kw.pop("timeout", self.config.timeout),
             max_redirects=kw.pop("max_redirects", self.config.max_redirects),
             sensitive_headers=self.sensitive_headers(headers),
