@@ -10,4 +10,8 @@ def backend_class(type_name: str):
         from .huggingface import HuggingFaceBackend
 
         return HuggingFaceBackend
+    if type_name == "apt":
+        from .apt import AptBackend
+
+        return AptBackend
     raise KeyError(type_name)
