@@ -310,10 +310,13 @@ class VaultRoot(Resource):
             return ErrorPage(VaultError(
                 f"the vault is not an open proxy: it serves {target.scheme}://{target.authority}/... only if a"
                 " backend's base_url names it", 403), "proxy request for an unknown upstream")
+        host = request.getHeader(b"host")
         if target is not None:
-            request.proxy_target = None  # a URL of the vault itself: an ordinary request
+            # a URL of the vault itself: an ordinary request, whose authority is the URL's (RFC 9112 3.2.2)
+            request.proxy_target = None
+            host = target.authority.encode("ascii")
         if path != b"/_vault/health":
-            if not self.hosts.allows(request.getHeader(b"host")):
+            if not self.hosts.allows(host):
                 return ErrorPage(VaultError(
                     "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
                     "request for another host")

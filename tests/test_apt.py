@@ -338,6 +338,44 @@ def test_a_repository_without_inrelease_uses_release_and_its_signature(tmp_path,
     assert client.candidate("vault-hello") == "1.1"
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_flat_repository(tmp_path, rig, vault_factory):
+    repo, mirror = rig()
+    flat = repo.add_flat()
+    vault = vault_factory([{"type": "apt", "name": "vendor",
+                            "config": {"base_url": mirror.origin + flat, "index_ttl": 60}}])
+    client = AptClient(tmp_path / "apt", repo.keyring)
+    assert_ok((yield client.update_async(f"deb {vault.url}/vendor ./")))  # apt asks for /vendor/./InRelease
+    assert_ok((yield client.install_async(["vault-hello"])))
+    check_debs(client, repo, ["vault-hello", "vault-lib"])
+    proxied = AptClient(tmp_path / "proxied", repo.keyring)
+    assert_ok((yield proxied.update_async(f"deb {mirror.origin}{flat} ./", proxy=vault.url)))
+    assert_ok((yield proxied.install_async(["vault-hello"])))
+    assert sorted(p for p, _ in upstream(mirror)) == sorted(
+        f"{flat}/{name}" for name in ("InRelease", "Packages.xz", "vault-hello_1.0_all.deb", "vault-lib_1.0_all.deb"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_inrelease_answers_conditional_and_range_requests(rig, vault_factory):
+    repo, mirror = rig()
+    vault = start_vault(vault_factory, mirror)
+    url = f"{vault.url}/debian/dists/bookworm/InRelease"
+    status, headers, body = yield threads.deferToThread(fetch, "GET", url)
+    assert status == 200 and body == open(repo.dists("InRelease"), "rb").read()
+    lm = headers["last-modified"]
+    assert (yield threads.deferToThread(fetch, "GET", url, {"If-Modified-Since": lm}))[0] == 304
+    # apt resumes a partial InRelease from lists/partial: 206, or 416 when it has it all
+    status, headers, part = yield threads.deferToThread(fetch, "GET", url, {"Range": "bytes=100-", "If-Range": lm})
+    assert status == 206 and part == body[100:] and headers["content-range"] == f"bytes 100-{len(body) - 1}/{len(body)}"
+    status, _, _ = yield threads.deferToThread(fetch, "GET", url, {"Range": f"bytes={len(body)}-", "If-Range": lm})
+    assert status == 416
+    status, _, whole = yield threads.deferToThread(fetch, "GET", url, {"Range": "bytes=100-", "If-Range": "x"})
+    assert status == 200 and whole == body
+    status, headers, empty = yield threads.deferToThread(fetch, "HEAD", url)
+    assert status == 200 and empty == b"" and int(headers["content-length"]) == len(body)
+    assert [p for p, _ in upstream(mirror)] == ["dists/bookworm/InRelease"]
+
+
 # ---------------------------------------------------------------------------------------------
 # mutable files no Release lists: kept files with a TTL
 
