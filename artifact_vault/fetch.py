@@ -263,6 +263,13 @@ class Upstream:
             if response.code != 200:
                 return read_body(response, ERROR_BODY_LIMIT, truncate=True, timeout=spec.timeout,
                                  clock=self.reactor).addCallback(self._refused, response, spec.url)
+            landed = final_url(response)
+            if landed and urlsplit(landed).path.endswith("/") and not urlsplit(spec.url).path.endswith("/"):
+                # "a" redirected to "a/": a folder listing.  Kept as the file "a", it would stand
+                # where the folder of every "a/..." must be.
+                response.deliverBody(Discard())
+                raise VaultError(f"upstream answers {safe_url(spec.url)} with the folder {safe_url(landed)},"
+                                 " not a file", 404)
             declared = _content_length(response)
             if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())
@@ -297,6 +304,12 @@ class Upstream:
 
     def _fetched_counter(self, key: str):
         return self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics is not None else None
+
+
+def final_url(response) -> str | None:
+    """The URL an answer came from, after the redirects followed (None when unknown)."""
+    uri = getattr(getattr(response, "request", None), "absoluteURI", None)
+    return uri.decode("ascii", "replace") if isinstance(uri, bytes) else uri
 
 
 def describe_response(response) -> dict:

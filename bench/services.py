@@ -4,7 +4,7 @@ The servers a benchmark run needs, each a child process of the run:
 * the fake origin (``python -m tests.upstream``), driven over its control
   endpoints (``/_fake/add``, ``/_fake/requests``, ``/_fake/reset``);
 * the vault itself (``twistd -n artifact-vault``) with one ``http`` backend
-  mounted at ``/bench/`` in front of that origin;
+  mounted at ``/bench/`` in front of that origin (or the backends a row asks for);
 * nginx in the foreground with a generated config (``sendfile on``);
 * ``twistd web --path DIR``: Twisted's own ``static.File``.
 
@@ -204,14 +204,14 @@ def start_upstream(procs: Processes, workdir: str, files_dir: str) -> Upstream:
 # -- the vault --------------------------------------------------------------
 
 
-def vault_config(upstream_url: str, cache_dir: str, port: int, **top) -> dict:
+def vault_config(upstream_url: str, cache_dir: str, port: int, backends=None, **top) -> dict:
     return {
         "http_host": "127.0.0.1",
         "http_port": port,
         "cache_dir": cache_dir,
         "log_level": "INFO",  # the default: what a deployment runs with
-        "backends": [{"type": "http", "name": BACKEND,
-                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}],
+        "backends": backends or [{"type": "http", "name": BACKEND,
+                                  "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}],
         **top,
     }
 
@@ -224,10 +224,13 @@ def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: st
         json.dump(vault_config(upstream_url, cache_dir, port, **top), f, indent=1)  # JSON is YAML
     log = os.path.join(workdir, f"{name}.log")
     err = os.path.join(workdir, f"{name}.stderr")
+    # this checkout's code first (the header names its git revision), as the tests run the daemon
+    env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
+                                              else ""))
     with open(err, "wb") as out:
         proc = procs.spawn(
             twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "artifact-vault", "--config", config],
-            session=True, cwd=workdir, stdout=subprocess.DEVNULL, stderr=out,
+            session=True, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -282,3 +282,18 @@ async def test_concurrent_revalidations_share_one_conditional_request(vault_fact
     results = await gatherResults([raw_get(vault.url, "/files/index") for _ in range(8)])
     assert {r[2] for r in results} == {b"same"}
     assert len(gets(upstream, "/index")) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_url_that_lands_on_a_folder_is_not_kept(vault_factory, upstream):
+    """A real mirror answers pool/main/v with a redirect to pool/main/v/ and a listing: kept as the
+    file pool/main/v it would block every pool/main/v/... (and the same for a kept mutable file)."""
+    upstream.redirect("/pool/v", "/pool/v/", 301)
+    upstream.add("/pool/v/", b"<html>listing</html>", content_type="text/html")
+    upstream.add("/pool/v/a.deb", b"deb")
+    vault = vault_factory(backend(upstream))
+    assert (await raw_get(vault.url, "/files/pool/v"))[0] == 404
+    assert (await raw_get(vault.url, "/files/pool/v/a.deb"))[2] == b"deb"
+    volatile(vault, ttl=10)
+    assert (await raw_get(vault.url, "/files/pool/v"))[0] == 404
+    assert vault.store.lookup("files/pool/v") is None

@@ -63,7 +63,9 @@ log = VaultLogger()
 #: bytes of a Release file we read (Debian's InRelease is ~150 KB, Ubuntu's ~250 KB)
 RELEASE_LIMIT = 16 * 1024 * 1024
 #: suites whose Release the vault remembers having served (what pool files are checked against)
-RELEASES = 256
+RELEASES = 64
+#: a Release body up to this size is remembered with its parsed listing (larger ones by their sha256)
+MEMO_BODY = 256 * 1024
 #: per client connection: the suites whose Release it was given
 GIVEN_PER_CONNECTION = 32
 #: headers of a Release answer kept with it and relayed
@@ -81,7 +83,7 @@ class AptBackend(Backend):
         self.offline_timeout = float(config.options.get("offline_timeout", 4))
         #: suite folder -> the Release last served for it
         self._served = LRU(RELEASES)
-        #: key of a kept Release file -> (its body, its parsed listing)
+        #: key of a kept Release file -> (its body or None when large, its parsed listing)
         self._parsed = LRU(RELEASES * 2)
         #: client connection -> LRU(folder -> the Release that connection was given)
         self._given = WeakKeyDictionary()
@@ -275,11 +277,15 @@ class AptBackend(Backend):
     # -- which Release a request goes with ---------------------------------------------
 
     def parsed(self, key: str, body: bytes) -> archive.Release:
+        """The listing of a Release file's `body`, parsed once per content."""
         memo = self._parsed.get(key)
-        if memo is not None and memo[0] == body:
-            return memo[1]
+        if memo is not None:
+            kept, release = memo
+            if kept is body or (kept is not None and kept == body) or (
+                    kept is None and hashlib.sha256(body).hexdigest() == release.digest):
+                return release
         release = archive.parse_release(body)
-        self._parsed[key] = (body, release)
+        self._parsed[key] = (body if len(body) <= MEMO_BODY else None, release)
         return release
 
     def current_release(self, folder: tuple) -> archive.Release | None:
