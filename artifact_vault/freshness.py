@@ -355,10 +355,13 @@ class KeptFiles:
 
         def streaming(running):
             if running.complete and running.entry is not None:
+                # committed already: another process's revalidation (its 304 leaves the same copy)
                 let_go()
-                source = "revalidated" if entry is not None and running.entry.path == entry.path \
-                    and running.entry.meta.get("sha256") == entry.meta.get("sha256") else "upstream"
-                settle((running.entry, source))
+                same = entry is not None and running.entry.meta.get("sha256") == entry.meta.get("sha256") \
+                    and running.entry.meta.get("fetched_at") == entry.meta.get("fetched_at")
+                if same:
+                    self.renew(spec.key)
+                settle((running.entry, "revalidated" if same else "upstream"))
             else:
                 settle((running, "upstream"))
 
