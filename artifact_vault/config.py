@@ -138,6 +138,16 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
         },
         {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
     ),
+    "apt": (
+        {
+            # Seconds InRelease, Release and the other mutable files of the
+            # repository are reused before upstream is asked again (>= 0).
+            "index_ttl": Option((int, float), 60, lambda v: None if v >= 0 else "must be 0 or more"),
+            # Seconds a request waits for the mirror when a kept copy could answer instead.
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {},
+    ),
 }
 
 BACKEND_TYPES["pypi"] = (

@@ -268,12 +268,13 @@ class Upstream:
             if response.code != 200:
                 response.deliverBody(Discard())  # read and dropped: the connection goes back to the pool
                 raise UpstreamStatus(response.code, spec.url, error_headers(response))
-            final = getattr(getattr(response, "request", None), "absoluteURI", b"") or b""
-            if final.split(b"?")[0].endswith(b"/") and not spec.url.split("?")[0].endswith("/"):
-                # A folder (upstream added the slash): keeping its listing under the file's
-                # name would stand where the files below it belong.
+            landed = final_url(response)
+            if landed and urlsplit(landed).path.endswith("/") and not urlsplit(spec.url).path.endswith("/"):
+                # "a" redirected to "a/": a folder listing.  Kept as the file "a", it would stand
+                # where the folder of every "a/..." must be.
                 response.deliverBody(Discard())
-                raise NotAFile(f"upstream {safe_url(spec.url)} is a folder")
+                raise NotAFile(f"upstream answers {safe_url(spec.url)} with the folder {safe_url(landed)},"
+                               " not a file")
             declared = _content_length(response)
             if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())
@@ -304,6 +305,12 @@ class Upstream:
 
     def _fetched_counter(self, key: str):
         return self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics is not None else None
+
+
+def final_url(response) -> str | None:
+    """The URL an answer came from, after the redirects followed (None when unknown)."""
+    uri = getattr(getattr(response, "request", None), "absoluteURI", None)
+    return uri.decode("ascii", "replace") if isinstance(uri, bytes) else uri
 
 
 def describe_response(response) -> dict:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 from . import clients, rps
+from .apt import AptRows
 from .data import config_json, make_big_file, write_small
 from .machine import header_lines
 from .services import (
@@ -67,6 +68,8 @@ TARGETS = {
     8: "≥ 1.0",
     9: "≥ 0.8",
     10: "< 100 MiB",
+    11: "≥ 1.0",
+    12: "< 100 MiB; 1 GET",
 }
 
 
@@ -87,13 +90,18 @@ class Plan:
     wheel: int  # bytes of padding in the big wheel of test 8 (the rest of the fake index is small)
     huge_wheel: int  # bytes of padding in the wheel of test 10
     wheel_clients: int  # clients of test 10
+    apt_cycles: int = 5  # apt update+download cycles timed per run (test 11)
+    apt_medium: int = 64 * MiB  # the one bigger package of the repository in test 11
+    apt_big: int = GiB  # the .deb of test 12
+    apt_clients: int = 8
 
 
 # Test 5's origin is throttled so that what 64 clients draw together (64 × ~9 MB/s) stays well
 # under what this machine serves to many clients (test 2): the figure then shows what
 # coalescing costs, not the serving bandwidth that test 2 already measures.
 FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB, 64 * MiB, 2 * GiB, 8)
-SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, MiB, 16 * MiB, 8)
+SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, MiB, 16 * MiB, 8,
+             1, MiB, 32 * MiB, 8)
 #: what test 8 downloads: the fake index's catalog (alpha pulls in beta) and the big wheel
 PIP_REQUIREMENTS = ("alpha", "gamma", "delta", "Zeta_Utils", "payload")
 PIP_TRIES = 3
@@ -143,7 +151,8 @@ def _on_signal(signum, frame):
 
 
 class Bench:
-    def __init__(self, plan: Plan, workdir: str, data_dir: str, nginx_bin: str | None, rps_processes: int):
+    def __init__(self, plan: Plan, workdir: str, data_dir: str, nginx_bin: str | None, rps_processes: int,
+                 rows=None):
         self.plan = plan
         self.workdir = workdir
         self.data_dir = data_dir
@@ -157,6 +166,8 @@ class Bench:
         self.big_names = [f"{chr(ord('A') + i)}.bin" for i in range(plan.files2)]
         self.rows: dict[int, Row] = {}
         self.failed = False
+        #: the rows to run (None: all); rows 1-7 share their setup and run together
+        self.wanted = set(rows) if rows else set(TARGETS)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -203,6 +214,7 @@ class Bench:
         # sources + the vault's copies + test 4's extra misses and direct downloads
         budget = need + 2 * p.files2 * p.big + (2 * p.runs + 1) * p.big + (2 * p.runs + 1) * p.slow_size + p.huge
         budget += 3 * p.huge_wheel + 4 * p.wheel  # test 10's wheel (source, cache) and test 8's (+ downloads)
+        budget += 4 * p.apt_big + 4 * p.apt_medium  # APT rows: built .deb, the mirror's copy, the vault's, temp
         free = shutil.disk_usage(self.workdir).free
         if free < budget:
             raise BenchError(f"not enough disk space in {self.workdir}: {free / GiB:.1f} GiB free, "
@@ -585,6 +597,27 @@ class Bench:
 
     def run(self):
         p = self.plan
+        if self.wanted & set(range(1, 11)):
+            self.run_core()
+        apt = AptRows(self)
+        if 11 in self.wanted:
+            self.attempt(11, "APT: warm update + download through the vault vs the mirror", lambda: apt.warm_cycle(Row(
+                11, f"APT, warm: a fresh client's apt-get update + download of the repository's packages (3 small, "
+                   f"one of {size_text(p.apt_medium)}) through the vault vs straight from the mirror: time ratio")))
+        if 12 in self.wanted:
+            self.attempt(12, "APT: peak memory, one big .deb to many clients", lambda: apt.big_deb_memory(Row(
+                12, f"APT: peak resident memory (VmHWM) of the vault while a {size_text(p.apt_big)} .deb streams "
+                   f"to {p.apt_clients} clients: miss / hit; upstream GETs")))
+        for num, target in TARGETS.items():
+            if num in self.rows or num in self.wanted:
+                self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
+
+    def run_core(self):
+        """
+        Rows 1-10: the http backend against the fake origin, nginx and static.File;
+        the pypi backend (same vault) against the fake index.
+        """
+        p = self.plan
         self.setup()
         self.attempt(4, "cold miss vs direct download", self.test_cold_miss)
         self.say("priming the other big files")
@@ -602,8 +635,6 @@ class Bench:
         self.attempt(8, "pip download through the vault vs straight from the index", self.test_pip_download)
         self.attempt(9, "index page requests/s vs small-file hits", self.test_index_pages)
         self.attempt(10, "peak memory while a big wheel streams to many clients", self.test_wheel_memory)
-        for num, target in TARGETS.items():
-            self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
 
     def close(self):
         self.procs.stop_all()
@@ -639,6 +670,8 @@ def parse_args(argv):
                     help="processes of the small-file load generator (default 1: on 2 cores a second one "
                          "takes CPU from the server it measures)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--rows", help="run only these rows, e.g. 11,12 (rows 1-10 share their setup: any of them "
+                                   "runs all ten)")
     return ap.parse_args(argv)
 
 
@@ -648,7 +681,7 @@ def main(argv=None) -> int:
     if args.runs:
         plan = Plan(**{**plan.__dict__, "runs": max(1, args.runs)})
     nginx_bin = find_nginx()
-    if nginx_bin is None:
+    if nginx_bin is None and not (args.rows and all(n.strip() in ("11", "12") for n in args.rows.split(","))):
         msg = ("nginx is not installed: it is the reference of tests 1 and 2 "
                "(install it with: apt-get install -y nginx)")
         if not args.smoke:
@@ -659,7 +692,15 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="vault-bench-", dir=args.workdir)
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else os.path.join(workdir, "data")
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    bench = Bench(plan, workdir, data_dir, nginx_bin, args.rps_processes)
+    try:
+        rows = [int(n) for n in args.rows.split(",")] if args.rows else None
+    except ValueError:
+        sys.stderr.write(f"bench: --rows takes row numbers separated by commas, not {args.rows!r}\n")
+        return 2
+    if rows and not set(rows) <= set(TARGETS):
+        sys.stderr.write(f"bench: there are rows {min(TARGETS)}-{max(TARGETS)} only\n")
+        return 2
+    bench = Bench(plan, workdir, data_dir, nginx_bin, args.rps_processes, rows)
     load_at_start = os.getloadavg()
     if load_at_start[0] > 1.0:
         sys.stderr.write(f"bench: the load average is {load_at_start[0]:.2f} before the suite starts: "

@@ -4,7 +4,7 @@ The servers a benchmark run needs, each a child process of the run:
 * the fake origin (``python -m tests.upstream``), driven over its control
   endpoints (``/_fake/add``, ``/_fake/requests``, ``/_fake/reset``);
 * the vault itself (``twistd -n artifact-vault``) with one ``http`` backend
-  mounted at ``/bench/`` in front of that origin;
+  mounted at ``/bench/`` in front of that origin (or the backends a row asks for);
 * nginx in the foreground with a generated config (``sendfile on``);
 * ``twistd web --path DIR``: Twisted's own ``static.File``.
 
@@ -251,10 +251,13 @@ def start_fake_index(procs: Processes, workdir: str) -> FakeIndex:
 # -- the vault --------------------------------------------------------------
 
 
-def vault_config(upstream_url: str, cache_dir: str, port: int, pypi_url: str | None = None, **top) -> dict:
-    backends = [{"type": "http", "name": BACKEND, "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}]
-    if pypi_url:
-        backends.append({"type": "pypi", "name": PYPI_BACKEND, "config": {"base_url": pypi_url.rstrip("/")}})
+def vault_config(upstream_url: str, cache_dir: str, port: int, pypi_url: str | None = None, backends=None,
+                 **top) -> dict:
+    """A vault's configuration: `backends` as given, or the http backend (and a pypi one at `pypi_url`)."""
+    if backends is None:
+        backends = [{"type": "http", "name": BACKEND, "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/"}}]
+        if pypi_url:
+            backends.append({"type": "pypi", "name": PYPI_BACKEND, "config": {"base_url": pypi_url.rstrip("/")}})
     return {
         "http_host": "127.0.0.1",
         "http_port": port,
@@ -273,8 +276,9 @@ def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: st
         json.dump(vault_config(upstream_url, cache_dir, port, pypi_url, **top), f, indent=1)  # JSON is YAML
     log = os.path.join(workdir, f"{name}.log")
     err = os.path.join(workdir, f"{name}.stderr")
-    # the vault of this checkout (as the tests run it), whatever copy is installed
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # this checkout's code first (the header names its git revision), as the tests run the daemon
+    env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
+                                              else ""))
     with open(err, "wb") as out:
         proc = procs.spawn(
             twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "artifact-vault", "--config", config],

@@ -59,7 +59,7 @@ def test_sample_config_validates_with_and_without_hf_token():
     for config in (without, with_token):
         assert config.cache_dir == CACHE_DIR
         assert [(b.type, b.prefix) for b in config.backends] == [("huggingface", "/huggingface/"), ("http", "/files/"),
-                                                                 ("pypi", "/pypi/")]
+                                                                 ("pypi", "/pypi/"), ("apt", "/debian/")]
     assert without.backends[0].options["token"] == ""
     assert with_token.backends[0].options["token"] == "hf_example"
     assert with_token.backends[1].base_url == "https://example.org/files"

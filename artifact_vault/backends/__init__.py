@@ -14,4 +14,8 @@ def backend_class(type_name: str):
         from .pypi import PyPIBackend
 
         return PyPIBackend
+    if type_name == "apt":
+        from .apt import AptBackend
+
+        return AptBackend
     raise KeyError(type_name)
