@@ -138,6 +138,16 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
         },
         {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
     ),
+    "apt": (
+        {
+            # Seconds InRelease, Release and the other mutable files of the
+            # repository are reused before upstream is asked again (>= 0).
+            "index_ttl": Option((int, float), 60, lambda v: None if v >= 0 else "must be 0 or more"),
+            # Seconds a request waits for the mirror when a kept copy could answer instead.
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {},
+    ),
     "oci": (
         {
             # The name clients use for this upstream (docker.io, ghcr.io, registry.example.org:5000):
@@ -156,6 +166,19 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
         {},
     ),
 }
+
+BACKEND_TYPES["pypi"] = (
+    {
+        # How long a simple-index page is reused before upstream is asked
+        # again (seconds; a conditional request).  0 asks on every request.
+        "index_ttl": Option((int, float), 600, lambda v: None if v >= 0 else "must be 0 or more"),
+        # How long a request waits for upstream when a kept page could answer
+        # instead (seconds).  pip gives up after 15 s.
+        "offline_timeout": Option((int, float), 4, _positive),
+    },
+    {"prefix": "/pypi/"},
+)
+
 
 _REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$")
 
@@ -182,6 +205,7 @@ def _check_together(backends) -> None:
                 raise ConfigError(f"backends[{i}].config.default",
                                   f"only one oci backend may be the default (backends[{default}] is)")
             default = i
+
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
              "admin_token", "allowed_hosts", "backends"}

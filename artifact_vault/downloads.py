@@ -65,6 +65,9 @@ class DownloadSpec:
     expected_sha256: str | None = None
     #: how logs name it: the path clients asked for, where that says more than the key
     label: str | None = None
+    #: a new version of a mutable file (`freshness.KeptFiles`): an entry already in the
+    #: store does not make the download unnecessary, and the commit replaces it
+    replaces: bool = False
 
     @property
     def name(self) -> str:
@@ -369,27 +372,34 @@ class RemoteDownload(Download):
         """
         The file we follow either becomes the entry (the same inode under the
         final name) or dies (unlinked, or the lock let go without a commit).
-        A later download of the same key is a different inode: not ours.
+        Another inode under the final name is an older version (a mutable
+        file being replaced) while the holder still works, a later download
+        of the same key once it let go: not ours either way.
         """
         followed = os.fstat(self._fd)
-        entry = self.store.lookup(self.key)
-        if entry is not None:
-            try:
-                final = os.stat(entry.path)
-                ours = (final.st_ino, final.st_dev) == (followed.st_ino, followed.st_dev)
-            except OSError:
-                ours = False
-            self._stop()
-            if ours:
-                self.committed(entry)
-            else:
-                self._lost()
+        if self._is_ours(self.store.lookup(self.key), followed):
             return
         if followed.st_nlink == 0 or not self.lock.held_elsewhere():
             self._stop()
-            self._lost()
+            # it may have been committed between the lookup and the lock check
+            if not self._is_ours(self.store.lookup(self.key), followed):
+                self._lost()
             return
         self.progressed()
+
+    def _is_ours(self, entry, followed) -> bool:
+        """Commit when `entry` is the file we follow."""
+        if entry is None:
+            return False
+        try:
+            final = os.stat(entry.path)
+        except OSError:
+            return False
+        if (final.st_ino, final.st_dev) != (followed.st_ino, followed.st_dev):
+            return False
+        self._stop()
+        self.committed(entry)
+        return True
 
     def _lost(self):
         self.failed(Failure(UpstreamUnavailable(
@@ -467,7 +477,7 @@ class Downloads:
                                else None)
             return remote, "following"
         committed = self.store.lookup(spec.key)  # it may have finished just before we locked
-        if committed is not None:
+        if committed is not None and not spec.replaces:
             lock.release()
             done = Download(spec)
             done.committed(committed)

@@ -22,7 +22,7 @@ from .downloads import Downloads
 from .fetch import Upstream
 from .janitor import Janitor
 from .metrics import VaultMetrics
-from .site import HealthPage, HostCheck, MetricsPage, VaultPages, VaultRoot, make_site
+from .site import HealthPage, HostCheck, MetricsPage, ProxyRouter, VaultPages, VaultRoot, make_site
 from .status_page import StatusJson, StatusPage
 from .store import CacheStore
 
@@ -68,7 +68,11 @@ def assemble(config, reactor) -> Machinery:
         b"status.json": StatusJson(m),
         b"admin": admin_pages(m),
     })
-    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens, routers(m.backends))
+    # absolute-form requests (clients using the vault as their HTTP proxy) for the upstreams backends offer,
+    # then /v2/ for the oci backends
+    proxy = ProxyRouter(m.backends)
+    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens,
+                       routers=([proxy] if proxy else []) + routers(m.backends))
     m.site = make_site(m.root, reactor)
     return m
 

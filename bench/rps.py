@@ -50,17 +50,14 @@ def _connect(host, port):
     return _Conn(sock)
 
 
-def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout,
-           head_only=False, headers=()):
+def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout, headers=(),
+           head_only=False):
     host_header = f"{host}:{port}".encode()
-    extra = b"".join(b"%s\r\n" % h.encode("latin-1") for h in headers)
+    extra = b"".join(h.encode("latin-1") + b"\r\n" for h in headers)
     requests = {
-        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n"
-              % (target.encode(), host_header, extra),
-        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n"
-               % (target.encode(), host_header, extra),
+        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
+        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
     }
-
     sel = selectors.DefaultSelector()
     try:
         conns = [_connect(host, port) for _ in range(connections)]
@@ -133,17 +130,20 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
     return {"ok": ok, "errors": errors, "statuses": statuses}
 
 
-def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, head_only=False, headers=()):
+def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, headers=(), head_only=False):
     """
     Requests per second (HEAD+GET alternating, or HEAD only) against `url`
     over `connections` connections split across `processes` worker
-    processes; `headers` ("Name: value") go with every request.
+    processes, each request with the extra `headers` ("Name: value" lines).
     Returns {"rps", "ok", "errors", "statuses"}.
     """
     processes = max(1, min(processes, connections))
     shares = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
     argv = [sys.executable, "-m", "bench.rps", url, "--worker", "-d", str(duration), "-w", str(warmup)]
-    argv += (["--head-only"] if head_only else []) + [a for h in headers for a in ("-H", h)]
+    for header in headers:
+        argv += ["-H", header]
+    if head_only:
+        argv.append("--head-only")
     spawn = procs.spawn if procs is not None else subprocess.Popen
     workers = [spawn(argv + ["-c", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                for n in shares]
@@ -181,22 +181,22 @@ def main(argv=None):
     ap.add_argument("-d", "--duration", type=float, default=5.0)
     ap.add_argument("-w", "--warmup", type=float, default=1.0)
     ap.add_argument("-p", "--processes", type=int, default=2)
+    ap.add_argument("-H", "--header", action="append", default=[], help="an extra request header, 'Name: value'")
     ap.add_argument("--head-only", action="store_true", help="HEAD requests only (default: HEAD and GET alternating)")
-    ap.add_argument("-H", "--header", action="append", default=[], help="a request header, 'Name: value'")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     u = urlsplit(args.url)
     target = (u.path or "/") + ("?" + u.query if u.query else "")
     if args.worker:
         result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup,
-                        head_only=args.head_only, headers=args.header)
+                        headers=args.header, head_only=args.head_only)
         if result is None:
             return 1
         print(json.dumps(result))
         return 0
     try:
         result = measure(args.url, args.connections, args.duration, args.warmup, args.processes,
-                         head_only=args.head_only, headers=args.header)
+                         headers=args.header, head_only=args.head_only)
     except BenchError as e:
         sys.stderr.write(f"{e}\n")
         return 1

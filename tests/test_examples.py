@@ -60,10 +60,11 @@ def test_sample_config_validates_with_and_without_hf_token():
     for config in (without, with_token):
         assert config.cache_dir == CACHE_DIR
         assert [(b.type, b.prefix) for b in config.backends] == [
-            ("huggingface", "/huggingface/"), ("http", "/files/"), ("oci", "/ghcr/"), ("oci", "/dockerhub/")]
-        assert [b.options["registry"] for b in config.backends[2:]] == ["ghcr.io", "docker.io"]
-    assert without.backends[3].options["username"] == "" and without.backends[3].options["password"] == ""
-    assert with_token.backends[3].options["password"] == "dckr_pat_example"
+            ("huggingface", "/huggingface/"), ("http", "/files/"), ("pypi", "/pypi/"), ("apt", "/debian/"),
+            ("oci", "/ghcr/"), ("oci", "/dockerhub/")]
+        assert [b.options["registry"] for b in config.backends[4:]] == ["ghcr.io", "docker.io"]
+    assert without.backends[5].options["username"] == "" and without.backends[5].options["password"] == ""
+    assert with_token.backends[5].options["password"] == "dckr_pat_example"
     assert without.backends[0].options["token"] == ""
     assert with_token.backends[0].options["token"] == "hf_example"
     assert with_token.backends[1].base_url == "https://example.org/files"

@@ -10,6 +10,14 @@ def backend_class(type_name: str):
         from .huggingface import HuggingFaceBackend
 
         return HuggingFaceBackend
+    if type_name == "pypi":
+        from .pypi import PyPIBackend
+
+        return PyPIBackend
+    if type_name == "apt":
+        from .apt import AptBackend
+
+        return AptBackend
     if type_name == "oci":
         from .oci import OciBackend
 

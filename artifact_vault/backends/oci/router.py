@@ -33,6 +33,8 @@ class OciRouter:
         self.front = OciFront(self)
 
     def route(self, request):
+        if getattr(request, "proxy_target", None) is not None:
+            return None  # the vault as an HTTP proxy serves the upstreams backends name (site.ProxyRouter)
         path = request.path
         if path == b"/v2" or path.startswith(b"/v2/"):
             return self.front
@@ -92,5 +94,6 @@ class OciFront(Resource):
             return ErrorPage(e, what).render(request)
         request.oci_base = base
         request.oci_query = query
-        result = backend._dispatch(request, below)
+        request.subpath = below  # what the backend's handle() gets, instead of the path below its prefix
+        result = backend._dispatch(request)
         return NOT_DONE_YET if result is None else result
