@@ -35,6 +35,8 @@ from twisted.internet.threads import deferToThread
 from artifact_vault import cli
 from artifact_vault.cluster import PEER_BODY_LIMIT, VIEW_TTL
 from artifact_vault.config import ConfigError, MAX_PEERS, parse
+from tests.hfenv import (MINILM, ROOT, fake_hub, fetch, file_sha256, free_port, git_blob_sha1, read, run_client,
+                         stop_process, vault_process)
 from tests.test_core import SMALL, backend, sleep
 
 ADMIN = "admin-token-0123456789"
@@ -212,3 +214,419 @@ async def test_what_crosses_to_a_peer_and_back(vault_factory, upstream, other_or
     c = vault_factory(backend(upstream), peers=[b.url])
     view = await get_json(http, c.url + "/_vault/cluster.json")
     assert node(view, b.url)["error"] == "answered HTTP 401 (does peers_token name one of its access_tokens?)"
+
+
+# -- the cluster: three daemons behind HAProxy -------------------------------------------------
+
+NODES = ("vault1", "vault2", "vault3")
+#: the vaults' addresses in etc/haproxy.cfg, which the test replaces with its own
+SAMPLE_ADDRESSES = {"vault1": "10.0.0.11:8080", "vault2": "10.0.0.12:8080", "vault3": "10.0.0.13:8080"}
+#: the repos the clients download: (repo type, repo id)
+REPOS = (("model", MINILM), ("model", "gpt2"), ("dataset", "acme/tiny-dataset"))
+BIG = "model.safetensors"  # 90 MB: only some clients take it
+HOST = "vault.test"  # the name clients use; the vaults allow it (allowed_hosts)
+ACCESS_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/1\.[01]" (\d{3}) (\d+) (\S+) ')
+HUB_RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?(.+?)/resolve/([0-9a-f]{40})/([^?]+)$")
+
+
+def haproxy_binary():
+    found = shutil.which("haproxy")
+    return found or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+
+
+def haproxy_config(front: int, stats: int, ports: dict) -> str:
+    """
+    etc/haproxy.cfg as it is, with local addresses: every vault's, the
+    endpoint's and the stats page's.  Only its global section (syslog, the
+    user to run as) is replaced by one for a process in a test.
+    """
+    with open(os.path.join(ROOT, "etc", "haproxy.cfg"), encoding="utf-8") as f:
+        text = f.read()
+    body = text[text.index("\ndefaults\n"):]
+    for old, new in [("bind :8080", f"bind 127.0.0.1:{front}"), ("bind 127.0.0.1:8404", f"bind 127.0.0.1:{stats}"),
+                     *((SAMPLE_ADDRESSES[n], f"127.0.0.1:{ports[n]}") for n in NODES)]:
+        assert old in body, f"etc/haproxy.cfg no longer has {old!r}: update this test"
+        body = body.replace(old, new)
+    assert "10.0.0." not in body
+    return "global\n    log stdout format raw local0\n    maxconn 4000\n" + body
+
+
+@contextlib.contextmanager
+def haproxy_process(folder, text: str, front: int):
+    binary = haproxy_binary()
+    path = folder / "haproxy.cfg"
+    path.write_text(text)
+    check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with open(folder / "haproxy.log", "wb") as log:
+        proc = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_up(proc, f"http://127.0.0.1:{front}/_vault/health", "HAProxy")
+            yield proc
+        finally:
+            stop_process(proc)
+
+
+def haproxy_servers(stats: int) -> dict:
+    """HAProxy's CSV stats of the vaults backend: server name -> row (status, wretr, wredis, ...)."""
+    status, _, body = fetch("GET", f"http://127.0.0.1:{stats}/;csv")
+    assert status == 200
+    lines = body.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+    return {r["svname"]: r for r in rows if r["pxname"] == "vaults"}
+
+
+def wait_for_state(stats: int, name: str, state: str, timeout=20) -> float:
+    started = time.monotonic()
+    while haproxy_servers(stats)[name]["status"] != state:
+        assert time.monotonic() - started < timeout, f"{name} did not become {state} in HAProxy"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+class RepoFiles:
+    """The files of the repos at main, as the fake hub describes them."""
+
+    def __init__(self, hub):
+        self.files = []  # (repo type, repo id, commit, path, meta)
+        for kind, repo in REPOS:
+            info = hub.repo(f"{kind}s/{repo}")
+            commit = info["refs"]["main"]
+            for path, meta in info["commits"][commit]["files"].items():
+                self.files.append((kind, repo, commit, path, meta))
+
+    @staticmethod
+    def url_path(kind, repo, revision, path):
+        return f"/huggingface/{'datasets/' if kind == 'dataset' else ''}{repo}/resolve/{revision}/{path}"
+
+    @staticmethod
+    def good(meta, path) -> bool:
+        return (file_sha256(path) if meta["lfs"] else git_blob_sha1(read(path))) == meta["etag"]
+
+    def key(self, kind, repo, path):
+        return (kind, repo, path)
+
+    def keys(self):
+        return {(kind, repo, path) for kind, repo, _, path, _ in self.files}
+
+
+def curl_client(folder, front, files: RepoFiles, n: int, big: bool):
+    """One curl process, every file in turn: by branch (even n) or by commit (odd n). Returns the bad files."""
+    folder.mkdir(parents=True)
+    args, outputs = [shutil.which("curl"), "-fsS", "--fail-early", "--resolve", f"{HOST}:{front}:127.0.0.1"], []
+    for i, (kind, repo, commit, path, meta) in enumerate(files.files):
+        if path == BIG and not big:
+            continue
+        revision = "main" if n % 2 == 0 else commit
+        args += ["-o", str(folder / str(i)), f"http://{HOST}:{front}" + files.url_path(kind, repo, revision, path)]
+        outputs.append((folder / str(i), meta, path))
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return [path for out, meta, path in outputs if not files.good(meta, out)]
+
+
+def snapshot_client(folder, endpoint, files: RepoFiles):
+    """A real huggingface_hub client: snapshot_download of every repo. Returns the bad files."""
+    folder.mkdir(parents=True)
+    found = run_client(endpoint, folder, f"""
+        from huggingface_hub import snapshot_download
+        result = [snapshot_download(repo, repo_type=kind) for kind, repo in {list(REPOS)!r}]
+    """, timeout=180)
+    where = {repo: folder_ for (_, repo), folder_ in zip(REPOS, found)}
+    return [path for _, repo, _, path, meta in files.files if not files.good(meta, os.path.join(where[repo], path))]
+
+
+def run_clients(jobs):
+    """Start every client at once; returns the bad files each reported (all empty when all went well)."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return [f.result() for f in [pool.submit(job) for job in jobs]]
+
+
+def upstream_fetches(hub) -> dict:
+    """(type, repo, path) -> the GETs of its content the vaults sent to the hub."""
+    got = {}
+    for r in hub.requests():
+        m = HUB_RESOLVE.match(r["path"]) if r["server"] == "hub" and r["method"] == "GET" else None
+        if m:
+            key = ("dataset" if m.group(1) == "datasets" else "model", m.group(2), m.group(4))
+            got[key] = got.get(key, 0) + 1
+    return got
+
+
+def file_gets(vault, since: int, files: RepoFiles) -> list:
+    """(key, outcome) of each GET of a file in `vault`'s access log after byte `since`."""
+    found = []
+    keys = files.keys()
+    with open(vault.log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode("utf-8", "replace")
+    for method, target, status, _, outcome in ACCESS_LINE.findall(text):
+        m = re.match(r"^/huggingface/(?:(datasets)/)?(.+?)/resolve/[^/]+/(.+)$", target)
+        if method == "GET" and m:
+            key = ("dataset" if m.group(1) else "model", m.group(2), m.group(3))
+            if key in keys:
+                assert status == "200", (target, status)
+                found.append((key, outcome))
+    return found
+
+
+def log_size(vault) -> int:
+    return os.path.getsize(vault.log_path)
+
+
+def nginx_binary():
+    found = shutil.which("nginx")
+    return found or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def nginx_config(folder, front: int, ports: dict) -> str:
+    """etc/nginx-cluster.conf as it is (local addresses), in the smallest nginx.conf that runs it."""
+    with open(os.path.join(ROOT, "etc", "nginx-cluster.conf"), encoding="utf-8") as f:
+        body = f.read()
+    for old, new in [("listen 8080;", f"listen 127.0.0.1:{front};"),
+                     *((SAMPLE_ADDRESSES[n], f"127.0.0.1:{ports[n]}") for n in NODES)]:
+        assert old in body, f"etc/nginx-cluster.conf no longer has {old!r}: update this test"
+        body = body.replace(old, new)
+    assert "10.0.0." not in body
+    temp = " ".join(f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"daemon off;\npid {folder}/nginx.pid;\nerror_log {folder}/nginx-error.log;\nevents {{}}\n"
+            f"http {{\n{temp}\naccess_log {folder}/nginx-access.log;\n{body}\n}}\n")
+
+
+@contextlib.contextmanager
+def nginx_process(folder, text: str, front: int):
+    binary = nginx_binary()
+    path = folder / "nginx.conf"
+    path.write_text(text)
+    args = [binary, "-p", str(folder), "-c", str(path)]
+    check = subprocess.run(args + ["-t"], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{front}/_vault/health", "nginx")
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def wait_until_up(proc, url, what):
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if fetch("GET", url, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.05)
+
+
+class Cluster:
+    """The fake hub, three vaults (each its own cache; every vault lists all three as peers) and a balancer."""
+
+    def __init__(self, hub, vaults, front, stats, start):
+        self.hub, self.vaults, self.front, self.stats, self.start = hub, vaults, front, stats, start
+        self.endpoint = f"http://127.0.0.1:{front}/huggingface"
+
+
+@contextlib.contextmanager
+def running_cluster(tmp_path, backends, balancer="haproxy"):
+    """A `Cluster` behind HAProxy (etc/haproxy.cfg) or nginx (etc/nginx-cluster.conf)."""
+    if balancer == "haproxy" and haproxy_binary() is None:
+        pytest.skip("HAProxy is not installed (.ci/run installs the Debian package haproxy where it can)")
+    if balancer == "nginx" and nginx_binary() is None:
+        pytest.skip("nginx is not installed (.ci/run installs the Debian package nginx where it can)")
+    ports = {name: free_port() for name in NODES}
+    front, stats = free_port(), free_port()
+    peers = [f"http://127.0.0.1:{ports[name]}" for name in NODES]
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(fake_hub(tmp_path / "hub"))
+        top = {"log_level": "INFO", "allowed_hosts": [HOST], "admin_token": ADMIN, "peers": peers}
+
+        def start(name):
+            return stack.enter_context(vault_process(tmp_path / name, backends(hub), port=ports[name], **top))
+
+        vaults = {name: start(name) for name in NODES}
+        if balancer == "haproxy":
+            stack.enter_context(haproxy_process(tmp_path, haproxy_config(front, stats, ports), front))
+        else:
+            stack.enter_context(nginx_process(tmp_path, nginx_config(tmp_path, front, ports), front))
+            stats = None
+        yield Cluster(hub, vaults, front, stats, start)
+
+
+def hf_backends(hub):
+    return [{"type": "huggingface", "config": {"base_url": hub.hub}}]
+
+
+def placement(cluster, marks, files) -> dict:
+    """(type, repo, path) -> the one vault that served it since `marks` (each file is on one vault only)."""
+    owner = {}
+    for name, v in cluster.vaults.items():
+        for key, _ in file_gets(v, marks[name], files):
+            assert owner.setdefault(key, name) == name, f"{key} served by {owner[key]} and {name}"
+    return owner
+
+
+def check_operator_routes(cluster):
+    """/_node/NAME/_vault/ of the endpoint is that vault's; other paths below /_node/ are refused."""
+    for name, v in cluster.vaults.items():
+        status, _, body = fetch("GET", f"http://127.0.0.1:{cluster.front}/_node/{name}/_vault/health")
+        assert status == 200 and json.loads(body)["pid"] == v.proc.pid
+    status, _, _ = fetch("GET", f"http://127.0.0.1:{cluster.front}/_node/vault1/huggingface/gpt2/resolve/main/x")
+    assert status == 404
+    # the vaults check the Host header the balancer passes on: the name clients use passes, another does not
+    url = f"http://127.0.0.1:{cluster.front}/huggingface/api/models/gpt2"
+    assert fetch("GET", url, {"Host": HOST})[0] == 200
+    assert fetch("GET", url, {"Host": "rebound.example"})[0] == 421
+
+
+def after_loss(cluster, survivors, marks, files, moved):
+    """Upstream fetches and the survivors' outcomes since `marks`: only `moved` fetched, the rest hits."""
+    refetched = upstream_fetches(cluster.hub)
+    # only the lost vault's files are fetched again; one asked while the balancer retried requests already
+    # sent to the dead vault may be fetched by both survivors (see etc/haproxy.cfg), never more
+    assert set(refetched) == moved and set(refetched.values()) <= {1, 2}, refetched
+    gets = [(key, o) for name in survivors for key, o in file_gets(cluster.vaults[name], marks[name], files)]
+    kept = [o for key, o in gets if key not in moved]
+    assert kept and set(kept) == {"hit"}, "the other vaults' files stay hits"
+    outcomes = [o for _, o in gets]
+    return sorted(key[2] for key, n in refetched.items() if n == 2), outcomes.count("hit") / len(outcomes), len(gets)
+
+
+def test_three_vaults_behind_haproxy(tmp_path):
+    """
+    Three real vaults (own cache folders) behind HAProxy configured as
+    etc/haproxy.cfg, the fake hub behind them, real clients in front:
+
+    1. 30 clients at once (huggingface_hub's snapshot_download by commit, curl
+       by branch or by commit): every file is fetched from the hub once in
+       the whole cluster, and each file is served by one vault only, which
+       keeps it on its disk.
+    2. One vault stopped, clients at once (before HAProxy has marked it down,
+       then after): all downloads work; only that vault's files are fetched
+       from the hub again; the other vaults answer theirs from their caches.
+       A survivor's cluster view shows it down.
+    3. The vault started again: its files go back to it and come from its
+       disk; nothing is fetched from the hub.
+    """
+    with running_cluster(tmp_path, hf_backends) as cluster:
+        hub, vaults, front, stats, endpoint = cluster.hub, cluster.vaults, cluster.front, cluster.stats, cluster.endpoint
+        files = RepoFiles(hub)
+        keys = files.keys()
+        clients = tmp_path / "clients"
+        check_operator_routes(cluster)
+        marks = {name: log_size(v) for name, v in vaults.items()}
+        hub.reset()
+
+        # -- 1. cold, 30 clients at once --------------------------------------------------------
+        started = time.monotonic()
+        jobs = [lambda n=n: snapshot_client(clients / f"1-hf{n}", endpoint, files) for n in range(6)]
+        jobs += [lambda n=n: curl_client(clients / f"1-curl{n}", front, files, n, big=n < 4) for n in range(24)]
+        assert run_clients(jobs) == [[]] * 30
+        cold_seconds = time.monotonic() - started
+        assert upstream_fetches(hub) == {key: 1 for key in keys}, "each file once from the hub, across the cluster"
+        assert len([r for r in hub.requests() if r["server"] == "cdn" and r["method"] == "GET"]) == \
+            len([f for f in files.files if f[4]["lfs"]])
+        owner = placement(cluster, marks, files)
+        assert set(owner) == keys
+        # the files are on the disk of the vault that served them (an operator's view, through HAProxy)
+        for name in NODES:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli.main(["--url", f"http://127.0.0.1:{front}/_node/{name}", "--token", ADMIN,
+                                 "ls", "huggingface", "blobs/", "--json"]) == 0
+            blobs = {e["key"].rsplit("/", 1)[1] for e in json.loads(out.getvalue())["entries"]}
+            assert blobs == {meta["sha256"] for kind, repo, _, path, meta in files.files
+                             if meta["lfs"] and owner[(kind, repo, path)] == name}
+
+        # -- 2. one vault stops ------------------------------------------------------------------
+        share = {name: sum(1 for o in owner.values() if o == name) for name in NODES}
+        lost = max(NODES, key=lambda name: (share[name], name))
+        assert 0 < share[lost] < len(keys)
+        survivors = [name for name in NODES if name != lost]
+        moved = {key for key, name in owner.items() if name == lost}
+        marks = {name: log_size(vaults[name]) for name in survivors}
+        hub.reset()
+        stop_process(vaults[lost].proc)
+        with ThreadPoolExecutor(1) as watch:
+            down_after = watch.submit(wait_for_state, stats, lost, "DOWN")  # seconds from now
+            jobs = [lambda n=n: snapshot_client(clients / f"2-hf{n}", endpoint, files) for n in range(2)]
+            jobs += [lambda n=n: curl_client(clients / f"2-curl{n}", front, files, n, big=n < 2) for n in range(8)]
+            assert run_clients(jobs) == [[]] * 10  # those that reached HAProxy before it marked the vault down too
+            down_after = down_after.result()
+        assert run_clients([lambda: curl_client(clients / "2-after", front, files, 1, big=False)]) == [[]]
+        twice, hit_ratio, gets = after_loss(cluster, survivors, marks, files, moved)
+        # the cluster view of a survivor shows the lost vault down
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["--url", f"http://127.0.0.1:{front}/_node/{survivors[0]}", "--token", ADMIN,
+                             "stats"]) == 0
+        assert re.search(rf"^{re.escape(vaults[lost].url)} +DOWN", out.getvalue(), re.MULTILINE), out.getvalue()
+        assert "cluster (2 of 3 up)" in out.getvalue()
+
+        # -- 3. it comes back ----------------------------------------------------------------
+        vaults[lost] = cluster.start(lost)
+        back_after = wait_for_state(stats, lost, "UP")
+        marks = {name: log_size(v) for name, v in vaults.items()}
+        hub.reset()
+        jobs = [lambda: snapshot_client(clients / "3-hf", endpoint, files)]
+        jobs += [lambda n=n: curl_client(clients / f"3-curl{n}", front, files, n, big=n == 0) for n in range(3)]
+        assert run_clients(jobs) == [[]] * 4
+        assert upstream_fetches(hub) == {}
+        assert not [r for r in hub.requests() if r["server"] == "cdn"]
+        back = file_gets(vaults[lost], marks[lost], files)
+        assert {key for key, _ in back} == moved and {o for _, o in back} == {"hit"}
+        for name in survivors:
+            assert not {key for key, _ in file_gets(vaults[name], marks[name], files)} & moved
+        totals = haproxy_servers(stats)["BACKEND"]
+        print(f"\nHAProxy cluster: {len(keys)} files, shares {share}; cold phase {cold_seconds:.1f} s; "
+              f"{lost} stopped: DOWN in HAProxy after {down_after:.1f} s; "
+              f"file GETs after the loss: {gets}, hit ratio {hit_ratio:.3f} "
+              f"(files not on {lost}: {1 - share[lost] / len(keys):.3f}); fetched twice: {twice}; "
+              f"back UP after {back_after:.1f} s; HAProxy retries {totals['wretr']}, redispatches {totals['wredis']}")
+
+
+def test_the_nginx_sample_places_each_file_on_one_vault(tmp_path):
+    """
+    etc/nginx-cluster.conf in front of three vaults: clients at once, each file
+    fetched once and served by one vault; one vault stopped, the downloads go on
+    (nginx notices on the failed requests themselves: no active checks) and only
+    its files are fetched again.
+    """
+    with running_cluster(tmp_path, hf_backends, balancer="nginx") as cluster:
+        files = RepoFiles(cluster.hub)
+        clients = tmp_path / "clients"
+        check_operator_routes(cluster)
+        marks = {name: log_size(v) for name, v in cluster.vaults.items()}
+        cluster.hub.reset()
+        jobs = [lambda n=n: curl_client(clients / f"1-{n}", cluster.front, files, n, big=n < 2) for n in range(10)]
+        jobs.append(lambda: snapshot_client(clients / "1-hf", cluster.endpoint, files))
+        assert run_clients(jobs) == [[]] * 11
+        assert upstream_fetches(cluster.hub) == {key: 1 for key in files.keys()}
+        owner = placement(cluster, marks, files)
+        assert set(owner) == files.keys()
+        share = {name: sum(1 for o in owner.values() if o == name) for name in NODES}
+        lost = max(NODES, key=lambda name: (share[name], name))
+        survivors = [name for name in NODES if name != lost]
+        marks = {name: log_size(cluster.vaults[name]) for name in survivors}
+        cluster.hub.reset()
+        stop_process(cluster.vaults[lost].proc)
+        jobs = [lambda n=n: curl_client(clients / f"2-{n}", cluster.front, files, n, big=False) for n in range(4)]
+        assert run_clients(jobs) == [[]] * 4
+        twice, hit_ratio, gets = after_loss(cluster, survivors, marks, files,
+                                            {key for key, name in owner.items() if name == lost and key[2] != BIG})
+        print(f"\nnginx cluster: shares {share}; after losing {lost}: {gets} file GETs, hit ratio {hit_ratio:.3f}, "
+              f"fetched twice: {twice}")
+
+
+@pytest.mark.skip(reason="the PyPI backend has not landed yet: pip install through the cluster comes with it")
+def test_pip_install_through_the_cluster(tmp_path):
+    """
+    The place for pip: running_cluster(tmp_path, backends) with a pypi backend in
+    front of tests/fakepypi.py, then `pip install` of a few packages by many
+    clients at once through HAProxy (each file from upstream once across the
+    cluster), one vault stopped and started again as above.
+    """
