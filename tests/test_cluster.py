@@ -622,6 +622,90 @@ def test_the_nginx_sample_places_each_file_on_one_vault(tmp_path):
               f"fetched twice: {twice}")
 
 
+class NameServer:
+    """A stand-in vault that answers every request with its name (HAProxy's checks included)."""
+
+    def __init__(self, name):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                body = name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # HAProxy's checks hang up without reading: nothing to report
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def placed(front, paths) -> list:
+    """Which server HAProxy sends each path to (one keep-alive connection)."""
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", front, timeout=10)
+    try:
+        names = []
+        for path in paths:
+            conn.request("GET", path)
+            names.append(conn.getresponse().read().decode())
+        return names
+    finally:
+        conn.close()
+
+
+def test_adding_a_vault_moves_only_its_share_of_the_keys(tmp_path):
+    """
+    The ring of etc/haproxy.cfg: 3000 file paths over three servers, then
+    with a fourth added as docs/cluster.rst says (a server line with a new
+    id): about a quarter of the paths move, all of them to the new server,
+    and the shares stay even.  The revision of a Hugging Face resolve URL
+    does not change where it goes.
+    """
+    if haproxy_binary() is None:
+        pytest.skip("HAProxy is not installed (.ci/run installs the Debian package haproxy where it can)")
+    servers = {name: NameServer(name) for name in NODES + ("vault4",)}
+    try:
+        ports = {name: s.port for name, s in servers.items()}
+        paths = [f"/huggingface/org{i % 7}/model-{i % 50}/resolve/main/shard-{i:05d}.safetensors" for i in range(3000)]
+        front, stats = free_port(), free_port()
+        three = haproxy_config(front, stats, ports)
+        with haproxy_process(tmp_path, three, front):
+            before = placed(front, paths)
+            commits = placed(front, [p.replace("/main/", "/" + "ab" * 20 + "/") for p in paths])
+        assert commits == before
+        line = re.search(r"^( +server vault3 127\.0\.0\.1:\d+ id 3)$", three, re.MULTILINE).group(1)
+        four = three.replace(line, line + "\n" + line.replace("vault3", "vault4").replace(
+            str(ports["vault3"]), str(ports["vault4"])).replace("id 3", "id 4"), 1)
+        with haproxy_process(tmp_path, four, front):
+            after = placed(front, paths)
+    finally:
+        for s in servers.values():
+            s.close()
+    shares = {name: before.count(name) / len(paths) for name in NODES}
+    assert all(0.25 < share < 0.42 for share in shares.values()), shares
+    moved = [(a, b) for a, b in zip(before, after) if a != b]
+    assert {b for _, b in moved} == {"vault4"}
+    assert 0.18 < len(moved) / len(paths) < 0.32
+    print(f"\nring: shares of 3000 paths over three vaults {shares}; a fourth took {len(moved) / len(paths):.3f}")
+
+
 @pytest.mark.skip(reason="the PyPI backend has not landed yet: pip install through the cluster comes with it")
 def test_pip_install_through_the_cluster(tmp_path):
     """
