@@ -6,7 +6,7 @@ endpoints (`artifact_vault.admin`).
       prefetch huggingface ORG/REPO[@REV] [--include GLOB ...] [--repo-type model|dataset|space]
       purge BACKEND [PREFIX]
       ls [BACKEND] [PREFIX] [--json]
-      stats [--json]
+      stats [--json]          (with peers: in the vault's config, the whole cluster too)
 
 ``--url`` defaults to ``$ARTIFACT_VAULT_URL`` or http://localhost:8080, the
 admin token to ``$ARTIFACT_VAULT_ADMIN_TOKEN``; it is sent as
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
-    p = commands.add_parser("stats", help="show cache use, hit ratio and downloads in flight")
+    p = commands.add_parser("stats", help="show cache use, hit ratio and downloads in flight (and, for a vault "
+                                          "with peers:, every vault of the cluster)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     return parser
 

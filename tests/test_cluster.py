@@ -94,6 +94,35 @@ def test_peers_configuration():
     assert e.value.key == "peers_token"
 
 
+def test_the_samples_agree_with_the_manual_and_the_vault():
+    """docs/cluster.rst's vault configuration is valid, names the samples' vaults; the checks use GET."""
+    from tests.test_examples import literal_blocks
+
+    with open(os.path.join(ROOT, "docs", "cluster.rst"), encoding="utf-8") as f:
+        block = next(b for _, b in literal_blocks(f.read()) if b.startswith("http_host:"))
+    config = parse(yaml.safe_load(block), environ={"HF_TOKEN": "hf_example", "VAULT_ADMIN_TOKEN": ADMIN})
+    assert config.http_host == "0.0.0.0" and config.allowed_hosts == ("vault.example.org",)
+    assert {u.split("//")[1] for u in config.peers} == set(SAMPLE_ADDRESSES.values())
+    with open(os.path.join(ROOT, "etc", "haproxy.cfg"), encoding="utf-8") as f:
+        haproxy = f.read()
+    # the short form (option httpchk /_vault/health) would send OPTIONS, which the vault refuses
+    assert re.search(r"^ +option httpchk$", haproxy, re.MULTILINE)
+    assert "http-check send meth GET uri /_vault/health" in haproxy
+    with open(os.path.join(ROOT, "etc", "nginx-cluster.conf"), encoding="utf-8") as f:
+        nginx = f.read()
+    for address in SAMPLE_ADDRESSES.values():
+        assert haproxy.count(address) == 3 and nginx.count(address) == 3, address
+    assert "proxy_set_header Host $http_host;" in nginx and "hash $vault_key consistent;" in nginx
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_health_page_answers_get_and_head_but_not_options(vault_factory, upstream, http):
+    v = vault_factory(backend(upstream), allowed_hosts=["vault.example.org"])
+    assert (await http.get(v.url + "/_vault/health", headers={"Host": "elsewhere.example"})).code == 200
+    assert (await http.head(v.url + "/_vault/health")).code == 200
+    assert (await http.request("OPTIONS", v.url + "/_vault/health")).code == 405
+
+
 # -- peers: the cluster view -------------------------------------------------------------
 
 
