@@ -662,11 +662,9 @@ class NameServer:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
+                # one write: headers and body apart would wait on Nagle and the delayed ACK
                 body = name.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
             def log_message(self, *args):
                 pass
