@@ -204,6 +204,35 @@ async def test_peers_are_asked_once_per_moment_and_know_their_own_vault(vault_fa
     assert other_origin.count("/_vault/status.json") == 2
 
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason=f"no headless browser: {CHROMIUM} is not installed (apt-get install chromium)")
+@pytest_twisted.ensureDeferred
+async def test_a_real_browser_redraws_the_cluster_table(vault_factory, upstream, http, tmp_path):
+    b = vault_factory(backend(upstream))
+    dead = closed_port_url()
+    a = vault_factory(backend(upstream), peers=[b.url, dead])
+    profile = tmp_path / "chromium-profile"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-proxy-server", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+               "--dump-dom", a.url + "/_vault/"]
+    env = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+    done = await deferToThread(subprocess.run, command, capture_output=True, text=True, timeout=90, env=env)
+    dom = done.stdout
+    assert done.returncode == 0 and "<body" in dom, done.stderr[-2000:]
+    # a redraw counts only once cluster.json is drawn too
+    assert int(re.search(r'<body[^>]*data-updates="(\d+)"', dom).group(1)) >= 1
+    assert re.search(r'<span id="live"( class="")?>live', dom), re.search(r'<span id="live".*?</span>', dom).group(0)
+    table = re.search(r'<tbody id="cluster">(.*?)</tbody>', dom, re.DOTALL).group(1)
+    assert "<td>this vault</td><td>up</td>" in table and f"<td>{b.url}</td><td>up</td>" in table
+    assert f'<tr class="down"><td>{dead}</td><td>down: cannot connect' in table
+    assert "cluster: 2 of 3 up" in re.search(r'<tfoot id="cluster-total">(.*?)</tfoot>', dom, re.DOTALL).group(1)
+    shutil.rmtree(profile, ignore_errors=True)
+
+
 @pytest_twisted.ensureDeferred
 async def test_what_crosses_to_a_peer_and_back(vault_factory, upstream, other_origin, http):
     """Numbers only come back; no credential goes out but peers_token, and that to the peers only."""
