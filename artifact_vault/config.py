@@ -208,7 +208,10 @@ def _check_together(backends) -> None:
 
 
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
-             "admin_token", "allowed_hosts", "backends"}
+             "admin_token", "allowed_hosts", "peers", "peers_token", "backends"}
+
+#: at most this many peers (each is asked for its status when the cluster is shown)
+MAX_PEERS = 128
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,10 @@ class VaultConfig:
     admin_token: str | None = None
     #: Host header names accepted (empty: the default that http_host implies, see site.HostCheck)
     allowed_hosts: tuple = ()
+    #: base URLs of the other vaults of a cluster, shown on the status page (see cluster.py)
+    peers: tuple = ()
+    #: an access token the peers accept, sent to them only (None: nothing is sent)
+    peers_token: str | None = None
 
 
 def default_cache_dir(environ=None) -> str:
@@ -430,8 +437,34 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
         hosts = [h for h in hosts.replace(",", " ").split() if h]
     if not isinstance(hosts, list) or not all(isinstance(h, str) and _HOST_PATTERN.match(h) for h in hosts):
         raise ConfigError("allowed_hosts", "must be a list of host names, each may start with '*.' (or be '*')")
+    peers = _peers(document.get("peers") or [])
+    peers_token = document.get("peers_token") or None
+    if peers_token is not None and (not isinstance(peers_token, str) or len(peers_token) < 8
+                                    or not peers_token.isprintable() or " " in peers_token):
+        raise ConfigError("peers_token", "must be a token of 8 or more printable characters, no spaces")
     return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin,
-                       tuple(h.lower().rstrip(".") for h in hosts))
+                       tuple(h.lower().rstrip(".") for h in hosts), peers, peers_token)
+
+
+def _peers(value) -> tuple:
+    """``peers``: base URLs (a list, or one string separated by commas or spaces), without duplicates."""
+    if isinstance(value, str):
+        value = [u for u in value.replace(",", " ").split() if u]
+    if not isinstance(value, list):
+        raise ConfigError("peers", "must be a list of the other vaults' base URLs, e.g. [http://10.0.0.12:8080]")
+    if len(value) > MAX_PEERS:
+        raise ConfigError("peers", f"at most {MAX_PEERS} peers")
+    urls = []
+    for i, url in enumerate(value):
+        problem = _http_url(url) if isinstance(url, str) else "must be a URL"
+        if problem and "credentials" in problem:
+            problem = "must not carry credentials (peers_token is what the peers are sent)"
+        if problem:
+            raise ConfigError(f"peers[{i}]", problem)
+        url = url.rstrip("/")
+        if url not in urls:
+            urls.append(url)
+    return tuple(urls)
 
 
 def load(path=None, environ=None, cache_dir=None) -> VaultConfig:

@@ -98,6 +98,8 @@ class Download:
         self.stop_upstream = None
         #: the body is in and verified; its publish (fsync, renames) runs in a thread
         self.publishing = False
+        #: our own read descriptor on the temp file, which each reader gets a copy of (see `open`)
+        self._reader_fd: int | None = None
         self._ready: list[Deferred] = []
         self._watchers: list = []
         self._on_streaming: list = []
@@ -189,9 +191,19 @@ class Download:
         return remaining <= FINISH_IF_REMAINING or written >= remaining
 
     def open(self) -> int:
-        """A read descriptor on the bytes so far (valid across the final rename)."""
-        path = self.entry.path if self.entry is not None else self.writer.temp_path
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        """
+        A read descriptor on the bytes so far (valid across the final rename).
+        Before the commit it is a copy of the one opened with the temp file:
+        the rename runs in a thread and may land between a client's look into
+        the store and this call, when the temp file's name is already gone and
+        the commit not yet told (readers read at explicit offsets, so a shared
+        file position does not matter).
+        """
+        if self.entry is not None:
+            return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        if self._reader_fd is None:
+            raise FileNotFoundError(2, "the download has no file (yet, or any more)")
+        return os.dup(self._reader_fd)
 
     def closed(self) -> None:
         """A reader let go of its descriptor (nothing to count for a file still being written)."""
@@ -224,6 +236,11 @@ class Download:
                 raise OSError(28, "not enough free space for the announced size")
             writer = store.writer(self.key, expected=total)
         except OSError as e:
+            raise storage_error(e, self.key) from None
+        try:
+            self._reader_fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            writer.abort()
             raise storage_error(e, self.key) from None
         log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
                  label=self.label)
@@ -284,6 +301,9 @@ class Download:
     def _finish(self) -> None:
         if self._abandon_timer is not None and self._abandon_timer.active():
             self._abandon_timer.cancel()
+        if self._reader_fd is not None:
+            os.close(self._reader_fd)
+            self._reader_fd = None
         finished, self._on_finished = self._on_finished, []
         self._on_streaming = []
         for callback in finished:

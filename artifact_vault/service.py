@@ -18,12 +18,13 @@ from twisted.internet.defer import DeferredList
 from . import logs
 from .admin import admin_pages
 from .backends import backend_class, routers
+from .cluster import Peers, new_instance
 from .downloads import Downloads
 from .fetch import Upstream
 from .janitor import Janitor
 from .metrics import VaultMetrics
 from .site import HealthPage, HostCheck, MetricsPage, ProxyRouter, VaultPages, VaultRoot, make_site
-from .status_page import StatusJson, StatusPage
+from .status_page import ClusterJson, StatusJson, StatusPage
 from .store import CacheStore
 
 log = logs.VaultLogger()
@@ -45,6 +46,10 @@ class Machinery:
     #: the web side: the root Resource and the Site serving it
     root: object = None
     site: object = None
+    #: a random name of this process (a vault listed among its own peers knows itself by it)
+    instance: str = field(default_factory=new_instance)
+    #: the other vaults of the cluster (``peers:``), or None
+    peers: Peers | None = None
 
     def backend(self, name: str):
         return next((b for b in self.backends if b.name == name), None)
@@ -60,12 +65,15 @@ def assemble(config, reactor) -> Machinery:
     m = Machinery(reactor, config, store, upstream, downloads, metrics)
     metrics.watch_downloads(downloads)
     m.backends = [backend_class(b.type)(b, m) for b in config.backends]
+    if config.peers:
+        m.peers = Peers(upstream, config.peers, config.peers_token, m.instance)
     m.janitor = Janitor(m, config, reactor)
     pages = VaultPages({
         b"": StatusPage(m),
         b"health": HealthPage(m),
         b"metrics": MetricsPage(metrics),
         b"status.json": StatusJson(m),
+        b"cluster.json": ClusterJson(m),
         b"admin": admin_pages(m),
     })
     # absolute-form requests (clients using the vault as their HTTP proxy) for the upstreams backends offer,

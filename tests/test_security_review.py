@@ -27,9 +27,13 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def records(vault, kind):
-    """The data files (not sidecars) of one record kind below the Hugging Face backend's folder."""
+    """
+    The data files (not sidecars) of one record kind below the Hugging Face
+    backend's folder; not the temp files of records still being written in a
+    thread (each becomes, or replaces, one of the others).
+    """
     folder = os.path.join(vault.folder, "cache", "huggingface", kind)
-    return [p for p in files_below(folder) if not p.endswith(".vault-meta")]
+    return [p for p in files_below(folder) if not p.endswith((".vault-meta", ".vault-tmp"))]
 
 
 # -- A. a revoked client reads gated files again by getting its own token rate-limited ------------
