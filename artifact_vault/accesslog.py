@@ -52,6 +52,9 @@ def line(request) -> bytes:
     duration = f"{time.monotonic() - started:.3f}s" if started is not None else "-"
     # The query is not logged: a client may put a credential there.
     target = request.path + (b"?..." if b"?" in request.uri else b"")
+    proxied = getattr(request, "proxy_target", None)
+    if proxied is not None:  # an absolute-form request (the vault as the client's proxy)
+        target = f"{proxied.scheme}://{proxied.authority}".encode("ascii") + target
     return b'%s "%s %s %s" %d %d %s %s "%s"' % (
         ip.encode("ascii", "replace"), _escape(request.method), _escape(target), _escape(request.clientproto),
         request.code, request.sentLength, (getattr(request, "outcome", None) or "-").encode("ascii"),

@@ -16,7 +16,8 @@ access token as ``X-Vault-Token`` and the admin token as ``X-Admin-Token``
 ``GET stats``
     ``/_vault/status.json`` plus ``usage``: bytes and files per backend,
     measured now by walking the cache (the status page shows the janitor's
-    last scan).
+    last scan), and with ``peers:`` configured ``cluster``: this vault and
+    each peer, as ``/_vault/cluster.json`` has them.
 ``POST purge`` ``{"backend": NAME, "prefix": P}``
     Removes the matching entries, except those a client of this process is
     reading (listed in ``skipped``).  Entries of a download still in flight
@@ -38,6 +39,7 @@ from twisted.web.resource import Resource
 
 from .errors import BadRequest, NotFound, VaultError
 from .logs import VaultLogger
+from .cluster import cluster_view
 from .site import ErrorPage, VaultPage, check_token, send_json
 from .status_page import status
 from .store import open_readers
@@ -172,8 +174,13 @@ class ListPage(AdminPage):
 
 class StatsPage(AdminPage):
     def answer(self, request):
+        document = status(self.machinery, names=True)
+        cluster = None
+        if self.machinery.peers is not None:
+            # asked meanwhile the cache is walked; from the numbers of status.json alone, without names
+            cluster = cluster_view(self.machinery, status(self.machinery))
+
         def done(found):
-            document = status(self.machinery, names=True)
             usage = usage_of(found[0])
             janitor = self.machinery.janitor
             usage["max_bytes"] = janitor.cap if janitor is not None else None
@@ -181,7 +188,9 @@ class StatsPage(AdminPage):
                 u = usage["backends"].setdefault(b.name, {"bytes": 0, "files": 0})
                 u["max_bytes"] = b.config.max_cache_size
             document["usage"] = usage
-            send_json(request, document)
+            if cluster is None:
+                return send_json(request, document)
+            return cluster.addCallback(lambda view: send_json(request, {**document, "cluster": view}))
 
         return self.walk().addCallback(done)
 

@@ -6,7 +6,7 @@ endpoints (`artifact_vault.admin`).
       prefetch huggingface ORG/REPO[@REV] [--include GLOB ...] [--repo-type model|dataset|space]
       purge BACKEND [PREFIX]
       ls [BACKEND] [PREFIX] [--json]
-      stats [--json]
+      stats [--json]          (with peers: in the vault's config, the whole cluster too)
 
 ``--url`` defaults to ``$ARTIFACT_VAULT_URL`` or http://localhost:8080, the
 admin token to ``$ARTIFACT_VAULT_ADMIN_TOKEN``; it is sent as
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", default="")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
-    p = commands.add_parser("stats", help="show cache use, hit ratio and downloads in flight")
+    p = commands.add_parser("stats", help="show cache use, hit ratio and downloads in flight (and, for a vault "
+                                          "with peers:, every vault of the cluster)")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     return parser
 
@@ -193,7 +194,37 @@ def show_stats(s) -> str:
         lines += ["", "recent errors:"]
         lines += [f"  {when(e.get('time'))}  {e.get('status')}  {e.get('what')}: {e.get('message')}"
                   for e in errors[:10]]
+    if s.get("cluster"):
+        lines += ["", show_cluster(s["cluster"])]
     return "\n".join(lines)
+
+
+def show_cluster(view) -> str:
+    """The vaults of the cluster (this one first), one line each, and their sums."""
+
+    def ratio_of(r):
+        return "-" if r is None else f"{100 * r:.1f}%"
+
+    def cache_of(c):
+        return human_bytes(c["bytes"]) if "bytes" in (c or {}) else "-"
+
+    rows = []
+    for n in view.get("nodes") or []:
+        name = ("this vault" + (f" ({n['url']})" if n.get("url") else "")) if n.get("self") else n.get("url")
+        if n.get("up"):
+            rows.append([name, "up", int(sum((n.get("requests") or {}).values())), ratio_of(n.get("hit_ratio")),
+                         cache_of(n.get("cache")), (n.get("cache") or {}).get("files", "-"),
+                         n.get("downloads", "-"), n.get("errors", "-")])
+        else:
+            rows.append([name, "DOWN", "-", "-", "-", "-", "-", "-"])
+    t = view.get("total") or {}
+    rows.append([f"cluster ({t.get('up', 0)} of {t.get('nodes', 0)} up)", "",
+                 int(sum((t.get("requests") or {}).values())), ratio_of(t.get("hit_ratio")), cache_of(t.get("cache")),
+                 (t.get("cache") or {}).get("files", "-"), t.get("downloads", 0), t.get("errors", 0)])
+    out = table(rows, ["VAULT", "STATE", "REQUESTS", "HIT RATIO", "CACHE", "FILES", "DOWNLOADS", "ERRORS"],
+                right=(2, 3, 4, 5, 6, 7))
+    down = [f"  {n.get('url')}: {n.get('error')}" for n in view.get("nodes") or [] if not n.get("up")]
+    return "\n".join(["cluster:", out] + (["", "down:"] + down if down else []))
 
 
 # -- commands -------------------------------------------------------------------------

@@ -160,10 +160,80 @@ BACKEND_TYPES: dict[str, tuple[dict, dict]] = {
         },
         {"prefix": "/huggingface/", "base_url": "https://huggingface.co"},
     ),
+    "apt": (
+        {
+            # Seconds InRelease, Release and the other mutable files of the
+            # repository are reused before upstream is asked again (>= 0).
+            "index_ttl": Option((int, float), 60, lambda v: None if v >= 0 else "must be 0 or more"),
+            # Seconds a request waits for the mirror when a kept copy could answer instead.
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {},
+    ),
+    "oci": (
+        {
+            # The name clients use for this upstream (docker.io, ghcr.io, registry.example.org:5000):
+            # ?ns=<registry> and /v2/<registry>/<name>/... pick this backend.
+            "registry": Option(str, None, lambda v: _registry_name(v), required=True),
+            # Serves the /v2/<name>/... requests that name no registry (one backend at most).
+            "default": Option(bool, False),
+            # The upstream login, for the token flow or Basic auth (default: anonymous).
+            "username": Option(str, ""),
+            "password": Option(str, ""),
+            # How long a tag -> digest answer is reused without asking upstream (seconds).
+            "tag_ttl": Option((int, float), 300, lambda v: None if v >= 0 else "must be 0 or more"),
+            # How long to wait for upstream when a kept answer could serve instead (seconds).
+            "offline_timeout": Option((int, float), 4, _positive),
+        },
+        {},
+    ),
 }
 
+BACKEND_TYPES["pypi"] = (
+    {
+        # How long a simple-index page is reused before upstream is asked
+        # again (seconds; a conditional request).  0 asks on every request.
+        "index_ttl": Option((int, float), 600, lambda v: None if v >= 0 else "must be 0 or more"),
+        # How long a request waits for upstream when a kept page could answer
+        # instead (seconds).  pip gives up after 15 s.
+        "offline_timeout": Option((int, float), 4, _positive),
+    },
+    {"prefix": "/pypi/"},
+)
+
+
+_REGISTRY = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$")
+
+
+def _registry_name(value):
+    if not _REGISTRY.match(value) or len(value) > 253:
+        return "must be a registry host name in lower case, with an optional :port (e.g. docker.io, ghcr.io)"
+    return None
+
+
+def _check_together(backends) -> None:
+    """What no single backend can check: registries and the default of the oci backends."""
+    seen, default = {}, None
+    for i, b in enumerate(backends):
+        if b.type != "oci":
+            continue
+        registry = b.options["registry"]
+        if registry in seen:
+            raise ConfigError(f"backends[{i}].config.registry",
+                              f"{registry} is already served by backends[{seen[registry]}]")
+        seen[registry] = i
+        if b.options["default"]:
+            if default is not None:
+                raise ConfigError(f"backends[{i}].config.default",
+                                  f"only one oci backend may be the default (backends[{default}] is)")
+            default = i
+
+
 TOP_LEVEL = {"http_host", "http_port", "cache_dir", "log_level", "workers", "access_tokens", "max_cache_size",
-             "admin_token", "allowed_hosts", "access_log", "backends"}
+             "admin_token", "allowed_hosts", "peers", "peers_token", "access_log", "backends"}
+
+#: at most this many peers (each is asked for its status when the cluster is shown)
+MAX_PEERS = 128
 
 
 @dataclass(frozen=True)
@@ -198,6 +268,10 @@ class VaultConfig:
     admin_token: str | None = None
     #: Host header names accepted (empty: the default that http_host implies, see site.HostCheck)
     allowed_hosts: tuple = ()
+    #: base URLs of the other vaults of a cluster, shown on the status page (see cluster.py)
+    peers: tuple = ()
+    #: an access token the peers accept, sent to them only (None: nothing is sent)
+    peers_token: str | None = None
     #: where access log lines go: "-" (standard output), an absolute path, or None (off); see accesslog.py
     access_log: str | None = "-"
 
@@ -242,6 +316,8 @@ def _interpolate_tree(node, key, environ):
 
 def _typed(value, option: Option, key: str):
     kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    if bool in kinds and isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        value = _BOOLEANS[value.strip().lower()]  # from ${ENV}
     if isinstance(value, bool) and bool not in kinds:
         raise ConfigError(key, f"must be {_kind_name(kinds)}, not a boolean")
     if isinstance(value, str) and str not in kinds and (int in kinds or float in kinds):
@@ -259,8 +335,11 @@ def _typed(value, option: Option, key: str):
     return value
 
 
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _kind_name(kinds):
-    names = {str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
+    names = {bool: "true or false", str: "a string", int: "an integer", float: "a number", dict: "a mapping", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -373,6 +452,7 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
             if other.name == b.name:
                 raise ConfigError(f"backends[{i}].name", f"{b.name!r} is already used by backends[{j}]")
         backends.append(b)
+    _check_together(backends)
     cap = document.get("max_cache_size")
     cap = parse_size(cap, "max_cache_size") if cap is not None else None
     admin = document.get("admin_token") or None
@@ -384,9 +464,35 @@ def parse(document, environ=None, cache_dir=None) -> VaultConfig:
         hosts = [h for h in hosts.replace(",", " ").split() if h]
     if not isinstance(hosts, list) or not all(isinstance(h, str) and _HOST_PATTERN.match(h) for h in hosts):
         raise ConfigError("allowed_hosts", "must be a list of host names, each may start with '*.' (or be '*')")
+    peers = _peers(document.get("peers") or [])
+    peers_token = document.get("peers_token") or None
+    if peers_token is not None and (not isinstance(peers_token, str) or len(peers_token) < 8
+                                    or not peers_token.isprintable() or " " in peers_token):
+        raise ConfigError("peers_token", "must be a token of 8 or more printable characters, no spaces")
     access_log = _access_log(document.get("access_log"))
     return VaultConfig(host, port, cdir, level.upper(), tuple(backends), workers, tuple(tokens), cap, admin,
-                       tuple(h.lower().rstrip(".") for h in hosts), access_log)
+                       tuple(h.lower().rstrip(".") for h in hosts), peers, peers_token, access_log)
+
+
+def _peers(value) -> tuple:
+    """``peers``: base URLs (a list, or one string separated by commas or spaces), without duplicates."""
+    if isinstance(value, str):
+        value = [u for u in value.replace(",", " ").split() if u]
+    if not isinstance(value, list):
+        raise ConfigError("peers", "must be a list of the other vaults' base URLs, e.g. [http://10.0.0.12:8080]")
+    if len(value) > MAX_PEERS:
+        raise ConfigError("peers", f"at most {MAX_PEERS} peers")
+    urls = []
+    for i, url in enumerate(value):
+        problem = _http_url(url) if isinstance(url, str) else "must be a URL"
+        if problem and "credentials" in problem:
+            problem = "must not carry credentials (peers_token is what the peers are sent)"
+        if problem:
+            raise ConfigError(f"peers[{i}]", problem)
+        url = url.rstrip("/")
+        if url not in urls:
+            urls.append(url)
+    return tuple(urls)
 
 
 def _access_log(value) -> str | None:

@@ -65,6 +65,9 @@ class DownloadSpec:
     expected_sha256: str | None = None
     #: how logs name it: the path clients asked for, where that says more than the key
     label: str | None = None
+    #: a new version of a mutable file (`freshness.KeptFiles`): an entry already in the
+    #: store does not make the download unnecessary, and the commit replaces it
+    replaces: bool = False
     #: PEM CAs an https:// upstream must chain to (None: the system's CAs)
     ca_file: str | None = None
 
@@ -93,8 +96,12 @@ class Download:
         #: client requests attached now (waiting or streaming), and in all
         self.interested = 0
         self.clients = 0
-        #: stops the upstream side now (set by whoever runs it)
+        #: stops the step under way now: waiting for a slot, then fetching (set by whoever runs it)
         self.stop_upstream = None
+        #: the body is in and verified; its publish (fsync, renames) runs in a thread
+        self.publishing = False
+        #: our own read descriptor on the temp file, which each reader gets a copy of (see `open`)
+        self._reader_fd: int | None = None
         self._ready: list[Deferred] = []
         self._watchers: list = []
         self._on_streaming: list = []
@@ -186,9 +193,19 @@ class Download:
         return remaining <= FINISH_IF_REMAINING or written >= remaining
 
     def open(self) -> int:
-        """A read descriptor on the bytes so far (valid across the final rename)."""
-        path = self.entry.path if self.entry is not None else self.writer.temp_path
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        """
+        A read descriptor on the bytes so far (valid across the final rename).
+        Before the commit it is a copy of the one opened with the temp file:
+        the rename runs in a thread and may land between a client's look into
+        the store and this call, when the temp file's name is already gone and
+        the commit not yet told (readers read at explicit offsets, so a shared
+        file position does not matter).
+        """
+        if self.entry is not None:
+            return os.open(self.entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        if self._reader_fd is None:
+            raise FileNotFoundError(2, "the download has no file (yet, or any more)")
+        return os.dup(self._reader_fd)
 
     def closed(self) -> None:
         """A reader let go of its descriptor (nothing to count for a file still being written)."""
@@ -222,6 +239,11 @@ class Download:
             writer = store.writer(self.key, expected=total)
         except OSError as e:
             raise storage_error(e, self.key) from None
+        try:
+            self._reader_fd = os.open(writer.temp_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            writer.abort()
+            raise storage_error(e, self.key) from None
         log.info("Caching {size} bytes for {label}", size=total if total is not None else "unknown",
                  label=self.label)
         self.writer, self.total, self.meta = writer, total, meta
@@ -254,8 +276,12 @@ class Download:
         self._finish()
 
     def abort(self, reason: str) -> None:
-        """Stop now (shutdown, abandoned): the temp file goes, every client is cut off."""
-        if self.finished:
+        """
+        Stop now (shutdown, abandoned): the temp file goes, every client is
+        cut off.  A download already publishing is left to finish: its bytes
+        are all in and verified, and its thread owns the file.
+        """
+        if self.finished or self.publishing:
             return
         self.failed(Failure(UpstreamUnavailable(reason)))
         if self.stop_upstream is not None:
@@ -277,6 +303,9 @@ class Download:
     def _finish(self) -> None:
         if self._abandon_timer is not None and self._abandon_timer.active():
             self._abandon_timer.cancel()
+        if self._reader_fd is not None:
+            os.close(self._reader_fd)
+            self._reader_fd = None
         finished, self._on_finished = self._on_finished, []
         self._on_streaming = []
         for callback in finished:
@@ -370,27 +399,34 @@ class RemoteDownload(Download):
         """
         The file we follow either becomes the entry (the same inode under the
         final name) or dies (unlinked, or the lock let go without a commit).
-        A later download of the same key is a different inode: not ours.
+        Another inode under the final name is an older version (a mutable
+        file being replaced) while the holder still works, a later download
+        of the same key once it let go: not ours either way.
         """
         followed = os.fstat(self._fd)
-        entry = self.store.lookup(self.key)
-        if entry is not None:
-            try:
-                final = os.stat(entry.path)
-                ours = (final.st_ino, final.st_dev) == (followed.st_ino, followed.st_dev)
-            except OSError:
-                ours = False
-            self._stop()
-            if ours:
-                self.committed(entry)
-            else:
-                self._lost()
+        if self._is_ours(self.store.lookup(self.key), followed):
             return
         if followed.st_nlink == 0 or not self.lock.held_elsewhere():
             self._stop()
-            self._lost()
+            # it may have been committed between the lookup and the lock check
+            if not self._is_ours(self.store.lookup(self.key), followed):
+                self._lost()
             return
         self.progressed()
+
+    def _is_ours(self, entry, followed) -> bool:
+        """Commit when `entry` is the file we follow."""
+        if entry is None:
+            return False
+        try:
+            final = os.stat(entry.path)
+        except OSError:
+            return False
+        if (final.st_ino, final.st_dev) != (followed.st_ino, followed.st_dev):
+            return False
+        self._stop()
+        self.committed(entry)
+        return True
 
     def _lost(self):
         self.failed(Failure(UpstreamUnavailable(
@@ -455,16 +491,20 @@ class Downloads:
         """
         running = self._running.get(spec.key)
         if running is not None:
-            return running, "joined"
+            return running, "following" if isinstance(running, RemoteDownload) else "joined"
         lock = self.store.lock(spec.key)
         try:
             acquired = lock.try_acquire()
         except OSError as e:
             raise storage_error(e, spec.key) from None
         if not acquired:
-            return RemoteDownload(spec, self.store, self.clock), "following"
+            remote = RemoteDownload(spec, self.store, self.clock)
+            self._running[spec.key] = remote  # later clients of this process follow it too
+            remote.on_finished(lambda d: self._running.pop(spec.key, None) if self._running.get(spec.key) is d
+                               else None)
+            return remote, "following"
         committed = self.store.lookup(spec.key)  # it may have finished just before we locked
-        if committed is not None:
+        if committed is not None and not spec.replaces:
             lock.release()
             done = Download(spec)
             done.committed(committed)
@@ -523,8 +563,8 @@ class Downloads:
         download.stop_upstream = fetching.cancel
 
         def publish(writer):
-            meta = dict(download.meta)
-            return self.store.publish(writer.writer, meta)
+            download.publishing = True
+            return self.store.publish(writer.writer, dict(download.meta))
 
         def published(entry):
             elapsed = max(time.monotonic() - download.started_at, 1e-6)

@@ -304,12 +304,13 @@ class Upstream:
             if response.code != 200:
                 response.deliverBody(Discard())  # read and dropped: the connection goes back to the pool
                 raise UpstreamStatus(response.code, spec.url, error_headers(response))
-            final = getattr(getattr(response, "request", None), "absoluteURI", b"") or b""
-            if final.split(b"?")[0].endswith(b"/") and not spec.url.split("?")[0].endswith("/"):
-                # A folder (upstream added the slash): keeping its listing under the file's
-                # name would stand where the files below it belong.
+            landed = final_url(response)
+            if landed and urlsplit(landed).path.endswith("/") and not urlsplit(spec.url).path.endswith("/"):
+                # "a" redirected to "a/": a folder listing.  Kept as the file "a", it would stand
+                # where the folder of every "a/..." must be.
                 response.deliverBody(Discard())
-                raise NotAFile(f"upstream {safe_url(spec.url)} is a folder")
+                raise NotAFile(f"upstream answers {safe_url(spec.url)} with the folder {safe_url(landed)},"
+                               " not a file")
             declared = _content_length(response)
             if declared is not None and spec.expected_size is not None and declared != spec.expected_size:
                 response.deliverBody(Discard())
@@ -340,6 +341,12 @@ class Upstream:
 
     def _fetched_counter(self, key: str):
         return self.metrics.fetched_bytes.labels(key.split("/")[0]) if self.metrics is not None else None
+
+
+def final_url(response) -> str | None:
+    """The URL an answer came from, after the redirects followed (None when unknown)."""
+    uri = getattr(getattr(response, "request", None), "absoluteURI", None)
+    return uri.decode("ascii", "replace") if isinstance(uri, bytes) else uri
 
 
 def describe_response(response) -> dict:
@@ -379,18 +386,28 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
     """
     Read a small upstream body into memory: at most `limit` bytes (more
     fails the read), failing too when it breaks off or stays silent for
-    `timeout` seconds.
+    `timeout` seconds.  Cancelling the Deferred stops the transfer.
     """
-    d = Deferred()
     if clock is None:
         from twisted.internet import reactor as clock
+
+    def cancel(_):
+        collect.cancelled = True
+        if collect.transport is not None:
+            collect.transport.stopProducing()
+
+    d = Deferred(cancel)
 
     class Collect(Protocol):
         def __init__(self):
             self.parts, self.size, self.too_big, self.stalled = [], 0, False, False
             self.idle = None
+            self.cancelled = False
 
         def connectionMade(self):
+            if self.cancelled:
+                self.transport.stopProducing()
+                return
             self.idle = clock.callLater(timeout, self._stall)
 
         def _stall(self):
@@ -412,6 +429,8 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
         def connectionLost(self, reason):
             if self.idle is not None and self.idle.active():
                 self.idle.cancel()
+            if d.called:  # cancelled: the caller has its answer already
+                return
             if self.stalled:
                 d.errback(UpstreamTimeout(f"upstream answer stalled for {timeout:g} s"))
             elif self.too_big:
@@ -421,8 +440,27 @@ def read_body(response, limit: int, timeout: float = 60, clock=None) -> Deferred
             else:
                 d.errback(UpstreamUnavailable(f"upstream answer broke off: {reason.getErrorMessage()[:120]}"))
 
-    response.deliverBody(Collect())
+    collect = Collect()
+    response.deliverBody(collect)
     return d
+
+
+def within(d: Deferred, seconds: float, clock, what: str) -> Deferred:
+    """
+    `d`, cancelled and failed with `UpstreamTimeout` unless it fires within
+    `seconds`: a bound on a whole upstream exchange (answer and body), for
+    callers that have something else to answer with when upstream is slow.
+    """
+    timer = clock.callLater(seconds, d.cancel)
+
+    def done(result):
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(CancelledError, UpstreamTimeout):
+            raise UpstreamTimeout(f"{what} took longer than {seconds:g} s")
+        return result
+
+    return d.addBoth(done)
 
 
 def storage_error(e: OSError, key: str) -> VaultError:

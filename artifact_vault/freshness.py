@@ -13,7 +13,7 @@ several client identities within a short window.
 import time
 from dataclasses import dataclass, replace
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
 from .bounded import LRU
@@ -186,6 +186,17 @@ class KeptAnswers:
         self._remember(key, answer)
         return answer
 
+    def fresh(self, key: str, ttl: float) -> Answer | None:
+        """
+        The kept answer for `key` if upstream vouched for it less than `ttl`
+        seconds ago (source "kept"), else None: what `get` answers without
+        asking, for callers on a hot path that want no Deferred.
+        """
+        kept = self.peek(key)
+        if kept is not None and kept.age(self.clock()) < ttl:
+            return replace(kept, source="kept")
+        return None
+
     def _remember(self, key: str, answer: Answer) -> None:
         if len(answer.body) <= self.MEMORY_BODY_LIMIT:
             self._memory[key] = answer
@@ -199,14 +210,7 @@ class KeptAnswers:
         self._remember(key, answer)
         meta = {"content_type": answer.headers.get("content-type") or "application/octet-stream",
                 "answer": {"status": answer.status, "headers": answer.headers, "checked_at": answer.checked_at}}
-        return self.store.write_later(key, answer.body, meta).addErrback(self._not_kept, key)
-
-    @staticmethod
-    def _not_kept(failure, key):
-        if failure.check(OSError):
-            log.warn("Could not keep {key} in the cache: {why}", key=key, why=failure.value.strerror)
-        else:
-            log.failure("Could not keep {key} in the cache", failure, key=key)
+        return self.store.write_later(key, answer.body, meta)
 
     def renew(self, key: str, checked_at: float) -> None:
         """Upstream vouched again for the kept answer (in memory only: disk keeps the first time)."""
@@ -231,11 +235,12 @@ class KeptAnswers:
         back on.
         """
         name = name or key
+        fresh = self.fresh(key, ttl)
+        if fresh is not None:
+            return fresh
         now = self.clock()
         kept = self.peek(key)
         usable = kept is not None and (max_stale is None or kept.age(now) < max_stale)
-        if kept is not None and kept.age(now) < ttl:
-            return replace(kept, source="kept")
         if usable and health.is_down():
             log.info("Answering {name} from the cache (upstream is down)", name=name)
             return replace(kept, source="stale")
@@ -266,3 +271,144 @@ class KeptAnswers:
             fresh = replace(fresh, checked_at=self.clock())
             self.keep(key, fresh)
         return fresh
+
+
+class KeptFiles:
+    """
+    Mutable upstream files of any size (an APT ``Contents`` index of tens of
+    MB, a listing that changes), kept as store entries with their validators
+    (ETag, Last-Modified) and never held in memory: the kept copy is served
+    for a TTL; after it, a conditional GET runs as *the one download of the
+    key* (`downloads.Downloads`, so identical requests, also of other
+    processes, share it): a 304 renews the kept copy, a 200 streams the new
+    version to the waiting clients while it is written and replaces the
+    entry once complete and verified, and when upstream fails, times out,
+    answers 5xx or 429, or does not answer within `wait` seconds while a
+    copy is kept, the kept copy is served (logged as stale).  A 404 or 410
+    means the file is gone: the kept copy is removed and the answer passed on.
+
+    When upstream last vouched for a copy is the entry's ``fetched_at``, or
+    the time of a later 304 (held in memory: after a restart the first
+    request revalidates once more).
+    """
+
+    MEMORY = 20_000
+
+    def __init__(self, store, downloads, reactor=None, clock=time.time):
+        self.store = store
+        self.downloads = downloads
+        self.reactor = reactor
+        self.clock = clock
+        #: key -> when a 304 last renewed its kept copy
+        self._renewed = LRU(self.MEMORY)
+
+    def checked_at(self, entry) -> float:
+        """When upstream last vouched for the kept `entry`."""
+        fetched = entry.meta.get("fetched_at")
+        fetched = float(fetched) if isinstance(fetched, (int, float)) else 0.0
+        return max(fetched, self._renewed.get(entry.key, 0.0))
+
+    def renew(self, key: str, when: float | None = None) -> None:
+        self._renewed[key] = self.clock() if when is None else when
+
+    @staticmethod
+    def validators(entry) -> dict:
+        out = {}
+        if entry.meta.get("etag"):
+            out["If-None-Match"] = entry.meta["etag"]
+        if entry.meta.get("last_modified"):
+            out["If-Modified-Since"] = entry.meta["last_modified"]
+        return out
+
+    def get(self, spec, *, ttl: float, health: UpstreamHealth, identity: str = "vault", slots=None,
+            wait: float | None = None) -> Deferred:
+        """
+        Fires with ``(body, source)``: an `Entry` (source "kept", "revalidated"
+        or "stale") or a streaming `Download` of a new version (source
+        "upstream"; attached once for the caller, who detaches it when its
+        answer is over).  Fails like upstream when nothing is kept.
+        Cancelling it (the client left) drops only this caller.
+        """
+        name = spec.name
+        entry = self.store.lookup(spec.key)
+        if entry is not None and self.clock() - self.checked_at(entry) < ttl:
+            return succeed((entry, "kept"))
+        if entry is not None and health.is_down():
+            log.info("Answering {name} from the cache (upstream is down)", name=name)
+            return succeed((entry, "stale"))
+        if entry is not None:
+            spec = replace(spec, headers={**spec.headers, **self.validators(entry)}, replaces=True)
+        else:
+            spec = replace(spec, replaces=True)
+        download, _how, ready = self.downloads.ready(spec, slots)
+        download.attach()
+        state = {"attached": True, "timer": None}
+
+        def let_go():
+            if state["attached"]:
+                state["attached"] = False
+                download.detach()
+
+        result = Deferred(lambda _: (ready.cancel(), let_go()))
+
+        def settle(outcome):
+            timer = state["timer"]
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(outcome)
+
+        def streaming(running):
+            if running.complete and running.entry is not None:
+                # committed already: another process's revalidation (its 304 leaves the same copy)
+                let_go()
+                same = entry is not None and running.entry.meta.get("sha256") == entry.meta.get("sha256") \
+                    and running.entry.meta.get("fetched_at") == entry.meta.get("fetched_at")
+                if same:
+                    self.renew(spec.key)
+                settle((running.entry, "revalidated" if same else "upstream"))
+            else:
+                settle((running, "upstream"))
+
+        def failed(failure):
+            let_go()
+            if result.called:
+                return None
+            if failure.check(CancelledError):
+                return None
+            error = failure.value if failure.check(VaultError) else None
+            if isinstance(error, UpstreamStatus) and error.code == 304:
+                if entry is None:
+                    failure = Failure(UpstreamUnavailable(f"upstream said {name} was not modified, but nothing is kept"))
+                else:
+                    self.renew(spec.key)
+                    return settle((entry, "revalidated"))
+            elif error is not None and is_offline_error(error):
+                health.failed(error, identity)
+                if entry is not None:
+                    log.info("Answering {name} from the cache ({why})", name=name, why=error.message)
+                    return settle((entry, "stale"))
+            elif isinstance(error, UpstreamStatus) and error.code in (404, 410) and entry is not None:
+                log.info("{name} is gone upstream ({code}): removing the kept copy", name=name, code=error.code)
+                self._renewed.pop(spec.key, None)
+                self.store.remove(spec.key)
+            timer = state["timer"]
+            if timer is not None and timer.active():
+                timer.cancel()
+            result.errback(failure)
+            return None
+
+        ready.addCallbacks(streaming, failed)
+        if wait is not None and entry is not None and not result.called and self.reactor is not None:
+            def too_slow():
+                if result.called:
+                    return
+                error = UpstreamTimeout(f"upstream did not answer for {name} within {wait:g} s")
+                health.failed(error, identity)
+                log.info("Answering {name} from the cache ({why})", name=name, why=error.message)
+                ready.cancel()
+                let_go()
+                settle((entry, "stale"))
+
+            state["timer"] = self.reactor.callLater(wait, too_slow)
+        return result

@@ -78,6 +78,27 @@ class StoredBody:
         return succeed(self.entry)
 
 
+class BytesBody:
+    """
+    A small body held in memory (a kept answer: an APT InRelease, an index
+    page), with the face `serve` needs, so that it gets the same Range,
+    If-Range, conditional and HEAD handling as a file.
+    """
+
+    failure = None
+    complete = True
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def available(self) -> int:
+        return self.size
+
+    def done(self):
+        return succeed(None)
+
+
 def parse_range(header: bytes | None, size: int):
     """
     The single byte range a Range header asks of a body of `size` bytes:
@@ -233,6 +254,10 @@ def serve(request, body, meta: dict) -> Deferred:
         request.setHeader(b"content-length", b"%d" % (end - start))
 
     if request.method == b"HEAD" or end == start:
+        request.finish()
+        return succeed(None)
+    if isinstance(body, BytesBody):
+        request.write(body.data[start:end])
         request.finish()
         return succeed(None)
     if body.complete and end - start <= SMALL_BODY:

@@ -17,13 +17,14 @@ from twisted.internet.defer import DeferredList
 
 from . import accesslog, logs
 from .admin import admin_pages
-from .backends import backend_class
+from .backends import backend_class, routers
+from .cluster import Peers, new_instance
 from .downloads import Downloads
 from .fetch import Upstream
 from .janitor import Janitor
 from .metrics import VaultMetrics
-from .site import HealthPage, HostCheck, MetricsPage, VaultPages, VaultRoot, make_site
-from .status_page import StatusJson, StatusPage
+from .site import HealthPage, HostCheck, MetricsPage, ProxyRouter, VaultPages, VaultRoot, make_site
+from .status_page import ClusterJson, StatusJson, StatusPage
 from .store import CacheStore
 
 log = logs.VaultLogger()
@@ -45,6 +46,10 @@ class Machinery:
     #: the web side: the root Resource and the Site serving it
     root: object = None
     site: object = None
+    #: a random name of this process (a vault listed among its own peers knows itself by it)
+    instance: str = field(default_factory=new_instance)
+    #: the other vaults of the cluster (``peers:``), or None
+    peers: Peers | None = None
     #: the batched access log (`accesslog.AccessLog`), if the lines are not off or in the vault's log
     access_log: object = None
 
@@ -66,15 +71,22 @@ def assemble(config, reactor, access_target="config") -> Machinery:
     m = Machinery(reactor, config, store, upstream, downloads, metrics)
     metrics.watch_downloads(downloads)
     m.backends = [backend_class(b.type)(b, m) for b in config.backends]
+    if config.peers:
+        m.peers = Peers(upstream, config.peers, config.peers_token, m.instance)
     m.janitor = Janitor(m, config, reactor)
     pages = VaultPages({
         b"": StatusPage(m),
         b"health": HealthPage(m),
         b"metrics": MetricsPage(metrics),
         b"status.json": StatusJson(m),
+        b"cluster.json": ClusterJson(m),
         b"admin": admin_pages(m),
     })
-    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens)
+    # absolute-form requests (clients using the vault as their HTTP proxy) for the upstreams backends offer,
+    # then /v2/ for the oci backends
+    proxy = ProxyRouter(m.backends)
+    m.root = VaultRoot(m.backends, pages, HostCheck.from_config(config), config.access_tokens,
+                       routers=([proxy] if proxy else []) + routers(m.backends))
     if access_target == "config":
         access_target = config.access_log
     m.access_log = accesslog.open_target(access_target, reactor)

@@ -9,6 +9,8 @@ Every request first passes the root's checks: the Host header against
 (``/_vault/health`` needs neither).
 """
 
+import base64
+import binascii
 import hmac
 import io
 import ipaddress
@@ -17,15 +19,16 @@ import re
 import os
 import socket
 import time
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from . import accesslog
 from . import accesslog
 from .errors import (IntegrityError, MethodNotAllowed, NotFound, UpstreamStatus, UpstreamTimeout,
                      UpstreamUnavailable, VaultError)
@@ -39,6 +42,57 @@ log = VaultLogger()
 #: (paths-info, admin calls); a larger one is refused before it is stored anywhere
 MAX_REQUEST_BODY = 1024 * 1024
 
+_ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    """
+    The URL of an absolute-form request line (``GET http://host/path HTTP/1.1``),
+    which is what a client that uses the vault as its HTTP proxy sends.
+    """
+
+    scheme: str  # lower case
+    host: str  # lower case, without a trailing dot; an IPv6 address without brackets
+    port: int
+    #: the origin-form target: path (at least "/") and query, still percent-encoded
+    path: bytes
+
+    @property
+    def origin(self) -> tuple:
+        return (self.scheme, self.host, self.port)
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, target: bytes) -> "ProxyTarget | None":
+        """The parts of an absolute URL, or None when it is not an http(s) URL we can name an upstream with."""
+        try:
+            text = target.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            return None
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError:
+            return None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.fragment:
+            return None
+        path = (parts.path or "/").encode("ascii")
+        if not path.startswith(b"/"):
+            return None
+        if parts.query:
+            path += b"?" + parts.query.encode("ascii")
+        host = parts.hostname.lower().rstrip(".")
+        return cls(scheme, host, port or (443 if scheme == "https" else 80), path)
+
 
 class VaultRequest(Request):
     """A request with what the vault tracks for it (the access log and metrics read it)."""
@@ -50,7 +104,16 @@ class VaultRequest(Request):
         self.backend: str | None = None
         #: how the cache answered: hit, miss, joined, stale, forwarded (or None)
         self.outcome: str | None = None
+        #: ``error_page(error) -> (content_type, body)``: the form of this request's error
+        #: answers, where its clients expect one of their own (a registry's JSON errors)
+        self.error_page = None
         self._body_refused = False
+        #: the URL of an absolute-form request line (the client uses the vault as its proxy), else None
+        self.proxy_target: ProxyTarget | None = None
+        #: an absolute-form request line that names no http(s) URL
+        self.bad_target = False
+        #: the path below its backend, when a router chose the backend (else the part below the prefix)
+        self.subpath: bytes | None = None
 
     def gotLength(self, length):
         # In memory, never a temp file: the body is small or refused.
@@ -75,8 +138,23 @@ class VaultRequest(Request):
         self.channel.transport.loseConnection()
 
     def requestReceived(self, command, path, version):
+        """
+        An absolute-form request target (``GET http://host/a/b``) is kept as
+        `proxy_target`; ``uri`` and ``path`` get its origin form (``/a/b``),
+        so that everything after (routing, backends, the access log) reads the
+        path the same way in both forms.  twisted.web would leave the whole URL
+        in ``path``.  Whether the vault answers such a request is decided by
+        `VaultRoot`.
+        """
         if self._body_refused:
             return  # answered already (413); nothing of it is processed
+        if _ABSOLUTE_FORM.match(path):
+            self.proxy_target = ProxyTarget.parse(path)
+            if self.proxy_target is None:
+                self.bad_target = True
+                path = b"/"
+            else:
+                path = self.proxy_target.path
         super().requestReceived(command, path, version)
 
     @property
@@ -122,8 +200,12 @@ def respond_error(failure, request, what="request", metrics=None):
         return None
     for name in (b"etag", b"last-modified", b"accept-ranges", b"content-range", b"content-encoding"):
         request.responseHeaders.removeHeader(name)
-    send_small(request, b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace"),
-               error.status, error.headers)
+    error_page = getattr(request, "error_page", None)
+    if error_page is not None:
+        content_type, body = error_page(error)
+    else:
+        content_type, body = b"text/plain; charset=utf-8", f"{error.status} {error.message}\n".encode("utf-8", "replace")
+    send_small(request, content_type, body, error.status, error.headers)
     return None
 
 
@@ -249,6 +331,14 @@ class VaultRoot(Resource):
     backend whose prefix it starts with (the longest; a prefix may span
     several segments).  Backends are leaves: they read the rest of the raw,
     still percent-encoded path themselves.
+
+    Absolute-form requests (a client that uses the vault as its HTTP proxy)
+    go only where a router sends them (`ProxyRouter`: the upstream URLs
+    that backends offer to proxy), or, when the URL names the vault itself,
+    on the ordinary way; any other URL, and every CONNECT, gets 403: the
+    vault is not an open proxy.  Their Host header names the upstream, so the
+    ``allowed_hosts`` check does not apply to them; access tokens do (also as
+    ``Proxy-Authorization``), and a proxied request without one gets 407.
     """
 
     def __init__(self, backends, pages: Resource, hosts=None, access_tokens=(), routers=()):
@@ -267,21 +357,56 @@ class VaultRoot(Resource):
 
     def getChildWithDefault(self, name, request):
         path = request.path
-        if path != b"/_vault/health":
-            if not self.hosts.allows(request.getHeader(b"host")):
-                return ErrorPage(VaultError(
-                    "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
-                    "request for another host")
+        if request.method == b"CONNECT":
+            return ErrorPage(VaultError("CONNECT is refused: the vault is not an open proxy", 403),
+                             "CONNECT request")
+        if getattr(request, "bad_target", False):
+            return ErrorPage(VaultError("the request target is not an http:// or https:// URL the vault can serve",
+                                        400), "request with a bad target")
+        target = getattr(request, "proxy_target", None)
+        if target is not None and not self.names_me(request, target):
             if not self.client_allowed(request):
                 return ErrorPage(VaultError(
-                    "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
-                    {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+                    "this vault needs an access token (Proxy-Authorization: Basic with the token as password,"
+                    " X-Vault-Token, or Authorization: Bearer)", 407,
+                    {"Proxy-Authenticate": 'Basic realm="artifact-vault"'}), "unauthenticated proxy request")
+            for router in self.routers:
+                resource = router.route(request)
+                if resource is not None:
+                    return resource
+            return ErrorPage(VaultError(
+                f"the vault is not an open proxy: it serves {target.scheme}://{target.authority}/... only if a"
+                " backend's base_url names it", 403), "proxy request for an unknown upstream")
+        host = request.getHeader(b"host")
+        if target is not None:
+            # a URL of the vault itself: an ordinary request, whose authority is the URL's (RFC 9112 3.2.2)
+            request.proxy_target = None
+            host = target.authority.encode("ascii")
+        if path != b"/_vault/health" and not self.hosts.allows(host):
+            return ErrorPage(VaultError(
+                "this vault does not answer to that host name (see allowed_hosts in its configuration)", 421),
+                "request for another host")
+        resource = self.route(name, request)
+        if path != b"/_vault/health" and not self.client_allowed(request):
+            # the resource may say how its clients are asked for the token (a registry asks
+            # docker and containerd for Basic credentials: they send none unchallenged)
+            refuse = getattr(resource, "unauthorized", None)
+            if refuse is not None:
+                return refuse(request)
+            return ErrorPage(VaultError(
+                "this vault needs an access token (X-Vault-Token, or Authorization: Bearer)", 401,
+                {"WWW-Authenticate": 'Bearer realm="artifact-vault"'}), "unauthenticated request")
+        return resource
+
+    def route(self, name, request) -> Resource:
+        """The resource that answers an ordinary (origin-form) request; nothing is answered or checked yet."""
         for router in self.routers:
             resource = router.route(request)
             if resource is not None:
                 return resource
         if name == b"_vault":
             return self.pages
+        path = request.path
         for prefix, backend, more in self._prefixes:
             if path.startswith(prefix) or path + b"/" == prefix:
                 # the prefix's other segments are the backend's, not its path's
@@ -294,6 +419,22 @@ class VaultRoot(Resource):
     def render(self, request):
         return ErrorPage(NotFound("no backend is configured for this path")).render(request)
 
+    def names_me(self, request, target: ProxyTarget) -> bool:
+        """
+        Does an absolute-form URL name the vault itself (HTTP/1.1 servers must
+        accept that form)?  Its port must be the one the request came in on,
+        its host the address it came in on or one of the names in
+        ``allowed_hosts`` (a wildcard ``*`` is not enough: it would take every
+        host on that port for the vault).
+        """
+        local = request.getHost()
+        if target.port != getattr(local, "port", None):
+            return False
+        host = target.host
+        if host == getattr(local, "host", None):
+            return True
+        return host in self.hosts.names or (bool(self.hosts.suffixes) and host.endswith(self.hosts.suffixes))
+
     def backend_for(self, path: bytes):
         for prefix, backend, _ in self._prefixes:
             if path.startswith(prefix) or path + b"/" == prefix:
@@ -303,23 +444,82 @@ class VaultRoot(Resource):
     def client_allowed(self, request) -> bool:
         """
         With ``access_tokens`` set, a client must present one: as
-        ``X-Vault-Token: T``, or as ``Authorization: Bearer T`` (what HF_TOKEN=T
-        makes huggingface_hub send).  A vault token in Authorization is taken
-        off the request, so that it never travels upstream.
+        ``X-Vault-Token: T``, as ``Authorization: Bearer T`` (what HF_TOKEN=T
+        makes huggingface_hub send), as the password of ``Authorization:
+        Basic`` (apt's and pip's credentials in a URL or auth.conf), or, to
+        the vault as a proxy, in ``Proxy-Authorization`` (Basic with the token
+        as password, or Bearer).  A vault token found in one of these
+        headers is taken off the request, so that it never travels upstream.
         """
         if not self.access_tokens:
             return True
         presented = request.getHeader(b"x-vault-token")
         request.requestHeaders.removeHeader(b"x-vault-token")
-        auth = request.getHeader(b"authorization") or b""
-        scheme, _, token = auth.partition(b" ")
-        in_authorization = scheme.lower() == b"bearer" and self._is_vault_token(token.strip())
-        if in_authorization:
-            request.requestHeaders.removeHeader(b"authorization")
-        return in_authorization or (presented is not None and self._is_vault_token(presented))
+        found = presented is not None and self._is_vault_token(presented)
+        for header in (b"authorization", b"proxy-authorization"):
+            token = _credential(request.getHeader(header))
+            if token is not None and self._is_vault_token(token):
+                request.requestHeaders.removeHeader(header)
+                found = True
+        return found
 
     def _is_vault_token(self, token: bytes) -> bool:
         return any(hmac.compare_digest(token, t) for t in self.access_tokens)
+
+
+def _credential(header: bytes | None) -> bytes | None:
+    """The token in an Authorization-style header: a Bearer token, or the password of Basic credentials."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(b" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == b"bearer":
+        return value
+    if scheme == b"basic":
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return decoded.partition(b":")[2]
+    return None
+
+
+class ProxyRouter:
+    """
+    Sends an absolute-form request to the backend whose proxied upstream URL
+    (`Backend.proxy_bases`, e.g. an apt backend's ``base_url``) it lies under:
+    scheme, host and port compared case-insensitively (default ports
+    filled in), the path segment by segment (percent-decoded), so that
+    ``http://h/debian-security/x`` is not under ``http://h/debian``, and the
+    URL must go on below the base.  The backend gets the rest of the path as
+    its ``subpath``.
+    """
+
+    def __init__(self, backends):
+        self.bases = []
+        for backend in backends:
+            for url in backend.proxy_bases():
+                base = ProxyTarget.parse(url.encode("ascii"))
+                if base is None:
+                    continue
+                segments = [unquote_to_bytes(s) for s in base.path.rstrip(b"/").split(b"/")[1:]]
+                self.bases.append((base.origin, segments, backend))
+        self.bases.sort(key=lambda b: len(b[1]), reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self.bases)
+
+    def route(self, request):
+        target = getattr(request, "proxy_target", None)
+        if target is None:
+            return None
+        raw = request.path.split(b"/")[1:]
+        decoded = [unquote_to_bytes(s) for s in raw]
+        for origin, segments, backend in self.bases:
+            if origin == target.origin and len(decoded) > len(segments) and decoded[:len(segments)] == segments:
+                request.subpath = b"/".join(raw[len(segments):])
+                return backend
+        return None
 
 
 class VaultPages(Resource):
@@ -402,11 +602,34 @@ def access_log_line(timestamp, request) -> str:
 
 class VaultChannel(HTTPChannel):
     """
-    Twisted's HTTP/1.1 channel, sending the status line and headers of an
-    answer as one piece: Twisted hands the transport four pieces per header
-    (name, ": ", value, CRLF), each checked and queued on its own, about a
-    tenth of the time a small hit takes.  The bytes are the same.
+    Twisted's HTTP/1.1 channel, with two changes:
+
+    * a TLS ClientHello is answered at once.  Clients told that a plain-HTTP
+      server is "insecure" (skopeo and podman with --tls-verify=false,
+      docker's insecure-registries, containerd's skip_verify) try HTTPS first
+      and fall back to HTTP on an error; a server that says nothing to the
+      handshake costs each of them its TLS handshake timeout (10 s in skopeo)
+      on every connection.  Go's servers answer such a connection with a
+      plain 400 and close it, which makes the fallback immediate; so does the
+      vault;
+    * the status line and headers of an answer go to the transport as one
+      piece: Twisted hands it four pieces per header (name, ": ", value,
+      CRLF), each checked and queued on its own, about a tenth of the time a
+      small hit takes.  The bytes are the same.
     """
+
+    _first = True
+
+    def dataReceived(self, data):
+        if self._first:
+            self._first = False
+            if data[:1] == b"\x16" and data[1:2] in (b"", b"\x03"):  # a TLS handshake record
+                self.transport.write(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                                     b"Connection: close\r\n\r\n"
+                                     b"Client sent an HTTPS request to an HTTP server.\n")
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
 
     def writeHeaders(self, version, code, reason, headers):
         if not isinstance(headers, Headers):

@@ -13,6 +13,10 @@ allows only this page's own script to run.
 
 The body's ``data-updates`` counts the redraws from ``status.json`` since the
 page loaded (the headless-browser test reads it).
+
+With ``peers:`` configured, the page has a Cluster section too: this vault and
+each peer, up or down, with their numbers (`cluster.cluster_view`), served
+alone as ``/_vault/cluster.json`` and refreshed from there.
 """
 
 import html
@@ -21,6 +25,7 @@ import os
 import secrets
 import time
 
+from .cluster import cluster_view
 from .errors import NotFound
 from .serve import send_small
 from .site import VaultPage, is_admin, send_json
@@ -41,9 +46,14 @@ class StatusPage(VaultPage):
         if not request.path.endswith(b"/"):
             raise NotFound("unknown status page")
         document = status(self.machinery, names=is_admin(self.machinery, request))
+        if self.machinery.peers is None:
+            return self.send(request, document, None)
+        return cluster_view(self.machinery, document).addCallback(lambda view: self.send(request, document, view))
+
+    def send(self, request, document, cluster):
         caps = {b.name: b.config.max_cache_size for b in self.machinery.backends}
         nonce = secrets.token_urlsafe(16)
-        body = page(document, caps, nonce).encode("utf-8")
+        body = page(document, caps, nonce, cluster).encode("utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
@@ -62,6 +72,23 @@ class StatusJson(VaultPage):
 
     def answer(self, request):
         send_json(request, status(self.machinery, names=is_admin(self.machinery, request)))
+
+
+class ClusterJson(VaultPage):
+    """
+    ``/_vault/cluster.json``: this vault and its peers, numbers only (no names,
+    so no admin token is involved); 404 without ``peers:``.
+    """
+
+    def __init__(self, machinery):
+        super().__init__()
+        self.machinery = machinery
+
+    def answer(self, request):
+        if self.machinery.peers is None:
+            raise NotFound("this vault has no peers (see peers: in its configuration)")
+        return cluster_view(self.machinery, status(self.machinery)).addCallback(
+            lambda view: send_json(request, view))
 
 
 def status(machinery, names: bool = False) -> dict:
@@ -88,6 +115,7 @@ def status(machinery, names: bool = False) -> dict:
     usage = machinery.janitor.usage if machinery.janitor is not None else {}
     return {
         "pid": os.getpid(),
+        "instance": machinery.instance,
         "uptime_seconds": round(time.time() - machinery.started, 1),
         "backends": [{"name": b.name, "type": b.config.type, "prefix": b.config.prefix} for b in machinery.backends],
         "requests": totals,
@@ -199,11 +227,50 @@ def errors_html(s: dict) -> str:
     return "".join(rows) or '<tr><td colspan="4" class="empty">No errors recently.</td></tr>'
 
 
+CLUSTER_COLUMNS = ("Vault", "State", "Up for", "Requests", "Hit ratio", "Cache", "Files", "Downloads", "Errors")
+
+
+def cluster_cells(node: dict) -> list:
+    """One row of the Cluster table (the script has the same function)."""
+    if node.get("self"):
+        name = "this vault" + (f" ({node['url']})" if node.get("url") else "")
+    else:
+        name = node.get("url") or ""
+    if not node.get("up"):
+        return [name, "down: " + str(node.get("error", "")), "", "", "", "", "", "", ""]
+    cache = node.get("cache") or {}
+    uptime = node.get("uptime_seconds")
+    return [name, "up", "" if uptime is None else f"{int(uptime)} s",
+            str(int(sum((node.get("requests") or {}).values()))), ratio(node.get("hit_ratio")),
+            human_bytes(cache["bytes"]) if "bytes" in cache else "not measured yet",
+            str(cache.get("files", "–")), str(node.get("downloads", "–")), str(node.get("errors", "–"))]
+
+
+def cluster_total_cells(total: dict) -> list:
+    cache = total.get("cache") or {}
+    return [f"cluster: {total.get('up', 0)} of {total.get('nodes', 0)} up", "", "",
+            str(int(sum((total.get("requests") or {}).values()))), ratio(total.get("hit_ratio")),
+            human_bytes(cache["bytes"]) if "bytes" in cache else "not measured yet",
+            str(cache.get("files", "–")), str(total.get("downloads", 0)), str(total.get("errors", 0))]
+
+
+def cluster_html(view: dict) -> str:
+    def row(cells, cls=None):
+        attribute = f' class="{cls}"' if cls else ""
+        return f"<tr{attribute}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
+
+    rows = "".join(row(cluster_cells(n), None if n.get("up") else "down") for n in view["nodes"])
+    head = "".join(f"<th>{_e(c)}</th>" for c in CLUSTER_COLUMNS)
+    total = row(cluster_total_cells(view["total"]), "total")
+    return ('<h2>Cluster</h2>\n<table><thead><tr>' + head + '</tr></thead>\n'
+            '<tbody id="cluster">' + rows + '</tbody>\n<tfoot id="cluster-total">' + total + '</tfoot></table>')
+
+
 def facts_text(s: dict) -> str:
     return f"pid {s.get('pid')} · up {int(s.get('uptime_seconds') or 0)} s"
 
 
-def page(status: dict, caps: dict, nonce: str) -> str:
+def page(status: dict, caps: dict, nonce: str, cluster: dict | None = None) -> str:
     caps_json = json.dumps(caps).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -236,12 +303,15 @@ li.download {{ background: #fff; border: 1px solid #dde1e8; border-radius: 6px; 
 .dl-pct {{ font-weight: 600; white-space: nowrap; }}
 progress {{ width: 100%; height: 1em; margin: .3em 0; }}
 .dl-facts {{ color: #556; font-size: .9em; }}
+tr.down td {{ color: #b3261e; }}
+tr.total td {{ font-weight: 600; background: #eef0f4; }}
 </style>
 </head>
 <body data-updates="0">
 <header><h1>Artifact Vault</h1><span id="facts">{_e(facts_text(status))}</span>
 <span id="live">as of {_e(clock(time.time()))}</span></header>
 <div class="cards" id="summary">{summary_html(status)}</div>
+{cluster_html(cluster) if cluster is not None else ""}
 <h2>Downloads in flight</h2>
 <ul id="downloads">{downloads_html(status)}</ul>
 <h2>Cache by backend</h2>
@@ -369,6 +439,50 @@ SCRIPT = r"""
     }), "No errors recently.", 4);
   }
 
+  function sum(values) {
+    var total = 0;
+    Object.keys(values || {}).forEach(function (k) { total += values[k]; });
+    return total;
+  }
+  function clusterCells(n) {
+    var name = n.self ? "this vault" + (n.url ? " (" + n.url + ")" : "") : (n.url || "");
+    if (!n.up) return [name, "down: " + (n.error || ""), "", "", "", "", "", "", ""];
+    var cache = n.cache || {};
+    return [name, "up", n.uptime_seconds === null || n.uptime_seconds === undefined ? "" :
+              Math.floor(n.uptime_seconds) + " s",
+            String(Math.floor(sum(n.requests))), ratio(n.hit_ratio),
+            "bytes" in cache ? humanBytes(cache.bytes) : "not measured yet",
+            "files" in cache ? String(cache.files) : "\u2013",
+            n.downloads === null || n.downloads === undefined ? "\u2013" : String(n.downloads),
+            n.errors === null || n.errors === undefined ? "\u2013" : String(n.errors)];
+  }
+  function clusterTotalCells(t) {
+    var cache = t.cache || {};
+    return ["cluster: " + (t.up || 0) + " of " + (t.nodes || 0) + " up", "", "",
+            String(Math.floor(sum(t.requests))), ratio(t.hit_ratio),
+            "bytes" in cache ? humanBytes(cache.bytes) : "not measured yet",
+            "files" in cache ? String(cache.files) : "\u2013", String(t.downloads || 0), String(t.errors || 0)];
+  }
+  function renderCluster(view) {
+    fill("cluster", (view.nodes || []).map(function (n) {
+      var tr = row(clusterCells(n));
+      if (!n.up) tr.className = "down";
+      return tr;
+    }));
+    var total = row(clusterTotalCells(view.total || {}));
+    total.className = "total";
+    fill("cluster-total", [total]);
+  }
+  function refreshCluster() {
+    if (!document.getElementById("cluster")) return null;
+    return fetch("cluster.json", {cache: "no-store", credentials: "same-origin"})
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(renderCluster);
+  }
+
   function live(text, failed) {
     var node = document.getElementById("live");
     node.textContent = text;
@@ -383,6 +497,9 @@ SCRIPT = r"""
       })
       .then(function (s) {
         render(s);
+        return refreshCluster();
+      })
+      .then(function () {
         updates += 1;
         document.body.setAttribute("data-updates", String(updates));
         live("live \u00b7 " + clock(Date.now() / 1000), false);

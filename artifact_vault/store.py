@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
+
+from .logs import VaultLogger
 from twisted.internet.threads import deferToThread
+
+log = VaultLogger()
 
 META_SUFFIX = ".vault-meta"
 TEMP_SUFFIX = ".vault-tmp"
@@ -339,12 +344,23 @@ class CacheStore:
         return removed
 
     def write_later(self, key: str, data: bytes, meta: dict) -> Deferred:
-        """`write_small` in a thread (records, kept answers): fires with the `Entry`, or fails."""
+        """
+        `write_small` in a thread (records, kept answers): fires with the
+        `Entry`, or with None when it could not be written.  Failing to keep
+        a record (disk full, read-only) costs offline use later, not the
+        answer now: it is logged, not raised.
+        """
         d = deferToThread(self.write_small, key, data, meta)
         self._pending.add(d)
 
         def done(result):
             self._pending.discard(d)
+            if isinstance(result, Failure):
+                if result.check(OSError):
+                    log.warn("Could not keep {key} in the cache: {why}", key=key, why=result.value.strerror)
+                else:
+                    log.failure("Could not keep {key} in the cache", result, key=key)
+                return None
             return result
 
         return d.addBoth(done)

@@ -1,19 +1,20 @@
 """
-Small-file load: GET requests per second over many keep-alive connections.
+Small-file load: requests per second over many keep-alive connections.
 
-`measure` runs ``wrk`` where it is installed (one thread by default: on 2
-cores more take CPU from the server they measure), else the lean Python
-client below.  Either way a warm-up run comes first and is not counted, and
-any answer other than 200 (or a socket error) fails the measurement.  With
-`cpu_of`, the CPU the server's processes used during the counted run is
+`measure_get` (rows 3 and 7: GET only) runs ``wrk`` where it is installed (one
+thread by default: on 2 cores more take CPU from the server they measure),
+else the Python client below; a warm-up run comes first and is not counted,
+any answer other than 200 (or a socket error) fails the measurement, and
+with `cpu_of` the CPU the server's processes used during the counted run is
 measured too (from /proc).
 
-The Python client: a few processes, each one `selectors` loop over its share
-of the connections, with pre-built requests and just enough parsing (status
-line, Content-Length) to know where an answer ends.  It costs a small
-fraction of what a Python server spends per request.  ``--mix`` makes each
-connection alternate HEAD and GET (wrk cannot: its parser waits for a body
-after a HEAD answer that carries a Content-Length).
+`measure` is the Python client itself: each connection alternating HEAD and
+GET (or HEAD only, or GET only), which wrk cannot do (its parser waits for a
+body after a HEAD answer that carries a Content-Length).  A few processes
+(default 2), each one `selectors` loop over its share of the connections,
+with pre-built requests and just enough parsing (status line,
+Content-Length) to know where an answer ends.  It costs a small fraction of
+what a Python server spends per request, so it does not become the limit.
 
 Each worker connects, says ``ready``, waits for ``go`` on stdin, runs a
 warm-up (not counted) and then counts answers for `duration` seconds.  Any
@@ -57,11 +58,13 @@ def _connect(host, port):
     return _Conn(sock)
 
 
-def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout, mix=False):
+def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, stdout=sys.stdout, headers=(),
+           head_only=False, get_only=False):
     host_header = f"{host}:{port}".encode()
+    extra = b"".join(h.encode("latin-1") + b"\r\n" for h in headers)
     requests = {
-        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n\r\n" % (target.encode(), host_header),
-        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n\r\n" % (target.encode(), host_header),
+        True: b"HEAD %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
+        False: b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: bench-rps\r\n%s\r\n" % (target.encode(), host_header, extra),
     }
     sel = selectors.DefaultSelector()
     try:
@@ -80,7 +83,7 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
     statuses: dict[int, int] = {}
 
     def send(c):
-        c.head = mix and not c.head
+        c.head = head_only or (not get_only and not c.head)
         c.sock.send(requests[c.head])  # a few dozen bytes: fits in an empty send buffer
 
     for c in conns:
@@ -136,6 +139,7 @@ def worker(host, port, target, connections, duration, warmup, stdin=sys.stdin, s
 
 
 def client_name(processes: int = 1) -> str:
+    """What `measure_get` uses, for the table's header."""
     wrk = shutil.which("wrk")
     if wrk:
         out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
@@ -145,25 +149,32 @@ def client_name(processes: int = 1) -> str:
     return f"bench/rps.py (Python, {processes} process{'es' if processes > 1 else ''}, keep-alive, GET; wrk not found)"
 
 
-def measure(url, connections=32, duration=5.0, warmup=1.0, processes=1, procs=None, cpu_of=None):
+def measure_get(url, connections=32, duration=5.0, warmup=1.0, processes=1, procs=None, cpu_of=None):
     """
     GET requests per second against `url` over `connections` connections,
-    after a warm-up of `warmup` seconds that is not counted.  Returns {"rps",
-    "ok", "errors", "statuses", "cpu"}: "cpu" is the CPU seconds of the
-    processes `cpu_of()` names during the counted run (None without it).
+    after a warm-up of `warmup` seconds that is not counted, with wrk (or the
+    Python client).  Returns {"rps", "ok", "errors", "statuses", "cpu"}:
+    "cpu" is the CPU seconds of the processes `cpu_of()` names during the
+    counted run (None without it).
     """
-    run = _wrk if shutil.which("wrk") else _python
+    wrk = shutil.which("wrk")
+
+    def run(seconds):
+        if wrk:
+            return _wrk(wrk, url, connections, seconds, processes, procs)
+        return measure(url, connections, seconds, 0.0, processes, procs, get_only=True)
+
     if warmup > 0:
-        run(url, connections, warmup, processes, procs)
+        run(warmup)
     pids = cpu_of() if cpu_of is not None else []
     before = cpu_seconds(pids)
-    total = run(url, connections, duration, processes, procs)
+    total = run(duration)
     total["cpu"] = cpu_seconds(pids) - before if cpu_of is not None else None
     return total
 
 
-def _wrk(url, connections, duration, threads, procs):
-    argv = [shutil.which("wrk"), f"-t{max(1, min(threads, connections))}", f"-c{connections}",
+def _wrk(wrk, url, connections, duration, threads, procs):
+    argv = [wrk, f"-t{max(1, min(threads, connections))}", f"-c{connections}",
             f"-d{max(1, round(duration))}s", url]  # wrk counts whole seconds
     spawn = procs.spawn if procs is not None else subprocess.Popen
     proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -184,21 +195,23 @@ def _wrk(url, connections, duration, threads, procs):
             "statuses": {"non-2xx": int(bad.group(1))} if bad else {"2xx": ok}, "rps": ok / seconds}
 
 
-def _python(url, connections, duration, processes, procs):
-    return _python_measure(url, connections, duration, 0.0, processes, procs)
-
-
-def _python_measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, mix=False):
+def measure(url, connections=32, duration=5.0, warmup=1.0, processes=2, procs=None, headers=(), head_only=False,
+            get_only=False):
     """
-    Requests per second (GET; HEAD+GET alternating with `mix`) against `url`
-    over `connections` connections split across `processes` worker processes.
+    Requests per second (HEAD+GET alternating, HEAD only or GET only) against
+    `url` over `connections` connections split across `processes` worker
+    processes, each request with the extra `headers` ("Name: value" lines).
     Returns {"rps", "ok", "errors", "statuses"}.
     """
     processes = max(1, min(processes, connections))
     shares = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
     argv = [sys.executable, "-m", "bench.rps", url, "--worker", "-d", str(duration), "-w", str(warmup)]
-    if mix:
-        argv.append("--mix")
+    for header in headers:
+        argv += ["-H", header]
+    if head_only:
+        argv.append("--head-only")
+    if get_only:
+        argv.append("--get-only")
     spawn = procs.spawn if procs is not None else subprocess.Popen
     workers = [spawn(argv + ["-c", str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                for n in shares]
@@ -235,26 +248,28 @@ def main(argv=None):
     ap.add_argument("-c", "--connections", type=int, default=32)
     ap.add_argument("-d", "--duration", type=float, default=5.0)
     ap.add_argument("-w", "--warmup", type=float, default=1.0)
-    ap.add_argument("-p", "--processes", type=int, default=1)
-    ap.add_argument("--mix", action="store_true", help="Python client: HEAD and GET alternating on each connection")
-    ap.add_argument("--python", action="store_true", help="the Python client even where wrk is installed")
+    ap.add_argument("-p", "--processes", type=int, default=2)
+    ap.add_argument("-H", "--header", action="append", default=[], help="an extra request header, 'Name: value'")
+    ap.add_argument("--head-only", action="store_true", help="HEAD requests only (default: HEAD and GET alternating)")
+    ap.add_argument("--get-only", action="store_true", help="GET requests only")
+    ap.add_argument("--wrk", action="store_true", help="GET with wrk (the Python client where wrk is missing)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     u = urlsplit(args.url)
     target = (u.path or "/") + ("?" + u.query if u.query else "")
     if args.worker:
         result = worker(u.hostname, u.port or 80, target, args.connections, args.duration, args.warmup,
-                        mix=args.mix)
+                        headers=args.header, head_only=args.head_only, get_only=args.get_only)
         if result is None:
             return 1
         print(json.dumps(result))
         return 0
     try:
-        if args.python or args.mix:
-            result = _python_measure(args.url, args.connections, args.duration, args.warmup, args.processes,
-                                     mix=args.mix)
+        if args.wrk:
+            result = measure_get(args.url, args.connections, args.duration, args.warmup, args.processes)
         else:
-            result = measure(args.url, args.connections, args.duration, args.warmup, args.processes)
+            result = measure(args.url, args.connections, args.duration, args.warmup, args.processes,
+                             headers=args.header, head_only=args.head_only, get_only=args.get_only)
     except BenchError as e:
         sys.stderr.write(f"{e}\n")
         return 1

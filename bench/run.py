@@ -21,6 +21,8 @@ failed, 2 for a usage problem (nginx missing in full mode), 130 on Ctrl-C.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -30,19 +32,25 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
 from . import clients, rps, services
+from .apt import AptRows
 from .data import config_json, make_big_file, write_small
 from .machine import header_lines
+from .oci import OciRows
 from .services import (
     BACKEND,
+    PYPI_BACKEND,
     BenchError,
     Processes,
     clear_peak_rss,
+    http_request,
     find_nginx,
     memory_status,
     nginx_version,
     process_tree,
+    start_fake_index,
     start_nginx,
     start_static,
     start_upstream,
@@ -61,7 +69,15 @@ TARGETS = {
     5: "1 GET; ≤ 1.2×",
     6: "< 100 MiB",
     7: "≥ 0.85 (as 1.7× on 2 free cores)",
-    8: "≥ 0.7",
+    8: "≥ 1.0",
+    9: "≥ 0.8",
+    10: "< 100 MiB",
+    11: "≥ 1.0",
+    12: "< 100 MiB; 1 GET",
+    13: "≥ 1.0",
+    14: "≥ 0.8",
+    15: "< 100 MiB",
+    16: "≥ 0.7",
 }
 
 
@@ -79,13 +95,27 @@ class Plan:
     clients5: int
     origin_rate: float  # bytes/s the origin sends the test-5 file at
     huge: int  # the file of test 6
+    wheel: int  # bytes of padding in the big wheel of test 8 (the rest of the fake index is small)
+    huge_wheel: int  # bytes of padding in the wheel of test 10
+    wheel_clients: int  # clients of test 10
+    apt_cycles: int = 5  # apt update+download cycles timed per run (test 11)
+    apt_medium: int = 64 * MiB  # the one bigger package of the repository in test 11
+    apt_big: int = GiB  # the .deb of test 12
+    apt_clients: int = 8
+    oci_layer: int = GiB  # the layer of the image that test 13 copies
+    oci_big_layer: int = 2 * GiB  # the layer that test 15 streams
+    oci_clients: int = 8
 
 
 # Test 5's origin is throttled so that what 64 clients draw together (64 × ~9 MB/s) stays well
 # under what this machine serves to many clients (test 2): the figure then shows what
 # coalescing costs, not the serving bandwidth that test 2 already measures.
-FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB)
-SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB)
+FULL = Plan("full", 3, GiB, 4, 16, 32, 5.0, 1.0, 64 * MiB, 64, 10e6, 4 * GiB, 64 * MiB, 2 * GiB, 8)
+SMOKE = Plan("smoke", 1, 8 * MiB, 2, 4, 32, 1.0, 0.3, 4 * MiB, 8, 10e6, 32 * MiB, MiB, 16 * MiB, 8,
+             1, MiB, 32 * MiB, 8, 8 * MiB, 32 * MiB, 8)
+#: what test 8 downloads: the fake index's catalog (alpha pulls in beta) and the big wheel
+PIP_REQUIREMENTS = ("alpha", "gamma", "delta", "Zeta_Utils", "payload")
+PIP_TRIES = 3
 
 
 @dataclass
@@ -133,7 +163,7 @@ def _on_signal(signum, frame):
 
 class Bench:
     def __init__(self, plan: Plan, workdir: str, data_dir: str, nginx_bin: str | None, rps_processes: int,
-                 only=None):
+                 rows=None):
         self.plan = plan
         self.workdir = workdir
         self.data_dir = data_dir
@@ -143,11 +173,13 @@ class Bench:
         self.rps_processes = rps_processes
         self.procs = Processes()
         self.t0 = time.monotonic()
-        self.upstream = self.vault = self.nginx = None
+        self.upstream = self.vault = self.nginx = self.index = None
         self.big_names = [f"{chr(ord('A') + i)}.bin" for i in range(plan.files2)]
         self.rows: dict[int, Row] = {}
         self.failed = False
-        self.only = set(only) if only else None
+        self.oci = None
+        #: the rows to run (None: all); rows 1-7 share their setup and run together
+        self.wanted = set(rows) if rows else set(TARGETS)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -191,8 +223,11 @@ class Bench:
         wanted = [(n, p.big, i) for i, n in enumerate(self.big_names)]
         wanted += [("slow.bin", p.slow_size, 90), ("huge.bin", p.huge, 91)]
         need = sum(size for name, size, _ in wanted if not _same_size(self.src(name), size))
-        # sources + the vault's copies + tests 4 and 8's extra misses and direct downloads
+        # sources + the vault's copies + tests 4 and 16's extra misses and direct downloads
         budget = need + 2 * p.files2 * p.big + (4 * p.runs + 1) * p.big + (2 * p.runs + 1) * p.slow_size + p.huge
+        budget += 3 * p.huge_wheel + 4 * p.wheel  # test 10's wheel (source, cache) and test 8's (+ downloads)
+        budget += 4 * p.apt_big + 4 * p.apt_medium  # APT rows: built .deb, the mirror's copy, the vault's, temp
+        budget += 4 * (p.oci_layer + p.oci_big_layer)  # OCI rows: layers, the registry's, the vault's, a copy
         free = shutil.disk_usage(self.workdir).free
         if free < budget:
             raise BenchError(f"not enough disk space in {self.workdir}: {free / GiB:.1f} GiB free, "
@@ -209,8 +244,11 @@ class Bench:
             self.upstream.add(f"/big/{name}", self.src(name))
         self.upstream.add("/huge/huge.bin", self.src("huge.bin"))
         self.upstream.add("/small/config.json", self.src("config.json"), content_type="application/json")
+        self.say("starting the fake PyPI index")
+        self.index = start_fake_index(self.procs, self.workdir)
+        self.index.control("release", {"project": "payload", "version": "1.0", "pad_bytes": p.wheel})
         self.say(f"starting the vault (cache {self.cache_dir})")
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, pypi_url=self.index.url)
 
     def start_nginx(self):
         if self.nginx is None and self.nginx_bin:
@@ -226,7 +264,7 @@ class Bench:
 
     def cold_misses(self, tls: bool):
         """
-        Rows 4 and 8: one cold file through the vault vs curl downloading it
+        Rows 4 and 16: one cold file through the vault vs curl downloading it
         straight from the same origin into a file on the cache's filesystem,
         + fsync (the vault fsyncs before its last byte), alternating which goes
         first; every run asks for a fresh URL (``/rN/A.bin``, which the origin
@@ -360,10 +398,19 @@ class Bench:
         row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.9)
         return row
 
-    def rps(self, url: str, cpu_of=None) -> dict:
+    def rps(self, url: str) -> float:
+        """HEAD+GET requests/s of the Python client (the small-file rate rows 9 and 14 compare with)."""
         p = self.plan
-        got = rps.measure(url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes, self.procs,
-                          cpu_of)
+        got = rps.measure(url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes, self.procs)
+        if got["errors"] or not got["ok"]:
+            raise BenchError(f"{url}: {got['errors']} failed requests, answers {got['statuses']}")
+        return got["rps"]
+
+    def rps_get(self, url: str, cpu_of=None) -> dict:
+        """GET requests/s with wrk (rows 3 and 7), and the CPU of `cpu_of()`'s processes meanwhile."""
+        p = self.plan
+        got = rps.measure_get(url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes, self.procs,
+                              cpu_of)
         if got["errors"] or not got["ok"]:
             raise BenchError(f"{url}: {got['errors']} failed requests, answers {got['statuses']}")
         return got
@@ -380,7 +427,7 @@ class Bench:
             vault_url = f"{self.vault.url}/{BACKEND}/small/config.json"
             static_url = f"{static.url}/config.json"
             v_rps, s_rps, ratios = self.paired(
-                lambda: self.rps(vault_url)["rps"], lambda: self.rps(static_url)["rps"],
+                lambda: self.rps_get(vault_url)["rps"], lambda: self.rps_get(static_url)["rps"],
                 lambda v, s: f"vault {v:,.0f} req/s, static.File {s:,.0f} req/s")
         finally:
             self.procs.stop(static.proc)
@@ -389,13 +436,14 @@ class Bench:
         row.figure, row.result = f"{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})", verdict(ratio >= 1.0)
         return row
 
-    def paired(self, vault, reference, describe):
+    def paired(self, vault, reference, describe, runs=None):
         """
-        Measure vault() and reference() once per run, alternating which goes
-        first (so drift hits both alike); the ratios are vault / reference.
+        Measure vault() and reference() once per run (`runs`, default the
+        plan's), alternating which goes first (so drift hits both alike); the
+        ratios are vault / reference.
         """
         mine, theirs, ratios = [], [], []
-        for r in range(self.plan.runs):
+        for r in range(runs or self.plan.runs):
             if r % 2 == 0:
                 v = vault()
                 ref = reference()
@@ -444,7 +492,8 @@ class Bench:
             return memory_status(self.vault.pid)["VmRSS"], "clear_refs"
         port = self.vault.extra["port"]
         self.procs.stop(self.vault.proc)
-        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port)
+        self.vault = start_vault(self.procs, self.workdir, self.upstream.url, self.cache_dir, port=port,
+                                 pypi_url=self.index.url)
         return memory_status(self.vault.pid)["VmRSS"], "restart"
 
     def test_memory(self) -> Row:
@@ -487,7 +536,7 @@ class Bench:
             self.wait_for_workers(two, 2)
 
             def per_core(url, server):
-                got = self.rps(url, cpu_of=lambda: process_tree(server.pid))
+                got = self.rps_get(url, cpu_of=lambda: process_tree(server.pid))
                 cores = got["cpu"] / p.rps_duration
                 return got["rps"], cores, got["rps"] / max(cores, 1e-9)
 
@@ -529,9 +578,9 @@ class Bench:
             time.sleep(0.1)
 
     def test_https_miss(self) -> Row:
-        """8: as row 4, from an HTTPS origin (nginx with a certificate the vault trusts through ca_file)."""
+        """16: as row 4, from an HTTPS origin (nginx with a certificate the vault trusts through ca_file)."""
         p = self.plan
-        row = Row(8, f"cold miss from an HTTPS origin (nginx), {size_text(p.big)}, 1 client: throughput vs curl "
+        row = Row(16, f"cold miss from an HTTPS origin (nginx), {size_text(p.big)}, 1 client: throughput vs curl "
                      f"over HTTPS to a file (+ fsync)")
         if not self.nginx_bin or not vault_supports("ca_file"):
             row.vault = "nginx not installed" if not self.nginx_bin else "no ca_file in this vault"
@@ -546,10 +595,124 @@ class Bench:
         row.result = verdict(ratio >= 0.7)
         return row
 
+    # -- PyPI ------------------------------------------------------------------
+
+    def pip_download(self, index_url: str) -> float:
+        """Seconds for one ``pip download`` of PIP_REQUIREMENTS from `index_url` (isolated, no cache)."""
+        from tests.pypienv import pip_download
+
+        dest = tempfile.mkdtemp(prefix="pip-download-", dir=self.workdir)
+        try:
+            t = time.perf_counter()
+            res = pip_download(index_url, *PIP_REQUIREMENTS, dest=dest, timeout=600)
+            elapsed = time.perf_counter() - t
+            if res.returncode != 0:
+                raise BenchError(f"pip download from {index_url} failed: {res.stderr.strip()[-300:]}")
+            got = sorted(os.listdir(dest))
+            if len(got) != 6:
+                raise BenchError(f"pip download from {index_url} gave {got}")
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        return elapsed
+
+    def test_pip_download(self) -> Row:
+        p = self.plan
+        row = Row(8, f"warm `pip download` of 6 wheels (one of {size_text(p.wheel)}) through the vault vs "
+                     f"straight from the fake index: speed (time direct / time through the vault)")
+        vault_index = f"{self.vault.url}/{PYPI_BACKEND}/simple/"
+        self.pip_download(vault_index)  # warm: pages kept, files cached
+        self.pip_download(self.index.url)  # and the reference's files in the page cache
+
+        def best(index_url):
+            # pip's own start-up and hashing are most of a run, and other load on the machine
+            # lands on one run or another: each figure is the best of PIP_TRIES runs
+            return 1 / min(self.pip_download(index_url) for _ in range(PIP_TRIES))
+
+        v_times, d_times, ratios = self.paired(
+            lambda: best(vault_index), lambda: best(self.index.url),
+            lambda v, d: f"vault {1 / v:.2f} s, direct {1 / d:.2f} s (best of {PIP_TRIES})")
+        ratio = median(ratios)
+        row.vault = f"{1 / median(v_times):.2f} s"
+        row.reference = f"{1 / median(d_times):.2f} s (fake index, tests/fakepypi.py)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 1.0)
+        return row
+
+    def test_index_pages(self) -> Row:
+        p = self.plan
+        row = Row(9, f"warm index page (JSON, 2 files) vs the 700-byte hit of row 3, HEAD+GET at "
+                     f"{p.rps_connections} connections: requests/s")
+        self.prime("small/config.json", 700)
+        accept = "Accept: application/vnd.pypi.simple.v1+json"
+        page_url = f"{self.vault.url}/{PYPI_BACKEND}/simple/alpha/"
+        status, _ = http_request(page_url, headers={"Accept": accept.split(": ")[1]})
+        if status != 200:
+            raise BenchError(f"{page_url} answered {status}")
+        small_url = f"{self.vault.url}/{BACKEND}/small/config.json"
+
+        def page_rps():
+            got = rps.measure(page_url, p.rps_connections, p.rps_duration, p.rps_warmup, self.rps_processes,
+                              self.procs, headers=[accept])
+            if got["errors"] or not got["ok"]:
+                raise BenchError(f"{page_url}: {got['errors']} failed requests, answers {got['statuses']}")
+            return got["rps"]
+
+        pages, smalls, ratios = self.paired(page_rps, lambda: self.rps(small_url),
+                                            lambda a, b: f"page {a:,.0f} req/s, small file {b:,.0f} req/s")
+        ratio = median(ratios)
+        row.vault, row.reference = f"{median(pages):,.0f} req/s", f"{median(smalls):,.0f} req/s (small-file hit)"
+        row.figure, row.result = f"{ratio:.2f}", verdict(ratio >= 0.8)
+        return row
+
+    def big_wheel(self) -> tuple[str, str]:
+        """The wheel of test 10, built once per data folder: (path, sha256)."""
+        from tests.fakepypi import build_wheel
+
+        folder = os.path.join(self.data_dir, f"wheel-{self.plan.huge_wheel}")
+        path = os.path.join(folder, "huge-1.0-py3-none-any.whl")
+        digest_file = path + ".sha256"
+        if not (os.path.exists(path) and os.path.exists(digest_file)):
+            os.makedirs(folder, exist_ok=True)
+            self.say(f"  building a wheel with {size_text(self.plan.huge_wheel)} of padding")
+            build_wheel(folder, "huge", "1.0", pad_bytes=self.plan.huge_wheel, seed=10)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            with open(digest_file, "w") as f:
+                f.write(digest.hexdigest())
+        with open(digest_file) as f:
+            return path, f.read().strip()
+
+    def test_wheel_memory(self) -> Row:
+        p = self.plan
+        row = Row(10, f"peak resident memory (VmHWM) of the vault while a {size_text(p.huge_wheel)} wheel "
+                      f"streams to {p.wheel_clients} clients (cold: one download, verified)")
+        path, sha = self.big_wheel()
+        added = self.index.control("dist", {"project": "huge", "path": path, "sha256": sha})
+        size = added["size"]
+        page_url = f"{self.vault.url}/{PYPI_BACKEND}/simple/huge/"
+        status, body = http_request(page_url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        if status != 200:
+            raise BenchError(f"the vault's page of huge answered {status}")
+        (entry,) = json.loads(body)["files"]
+        url = urljoin(page_url, entry["url"])
+        base, how = self.reset_peak()
+        wall, _ = clients.run_clients(self.procs, [url] * p.wheel_clients, size)
+        peak = memory_status(self.vault.pid)["VmHWM"]
+        gets = self.index.file_gets(os.path.basename(path))
+        self.say(f"  {p.wheel_clients} clients in {wall:.1f} s, {gets} upstream GET(s): peak {peak / MiB:.1f} MiB "
+                 f"(from {base / MiB:.1f} MiB, {how})")
+        shutil.rmtree(os.path.join(self.cache_dir, PYPI_BACKEND, "files", "huge"), ignore_errors=True)
+        row.vault = f"{peak / MiB:.1f} MiB; {gets} upstream GET; {rate_text(p.wheel_clients * size / wall)} in all"
+        row.reference = f"before: {base / MiB:.1f} MiB"
+        row.figure = f"{peak / MiB:.0f} MiB"
+        row.result = verdict(peak < 100 * MiB and gets == 1)
+        return row
+
     # -- the run ---------------------------------------------------------------
 
     def attempt(self, num: int, what: str, fn):
-        if self.only is not None and num not in self.only:
+        if num not in self.wanted:
             return
         self.say(f"test {num}: {what}")
         try:
@@ -564,10 +727,44 @@ class Bench:
 
     def run(self):
         p = self.plan
+        if self.wanted & (set(range(1, 11)) | {16}):
+            self.run_core()
+        apt = AptRows(self)
+        if 11 in self.wanted:
+            self.attempt(11, "APT: warm update + download through the vault vs the mirror", lambda: apt.warm_cycle(Row(
+                11, f"APT, warm: a fresh client's apt-get update + download of the repository's packages (3 small, "
+                   f"one of {size_text(p.apt_medium)}) through the vault vs straight from the mirror: time ratio")))
+        if 12 in self.wanted:
+            self.attempt(12, "APT: peak memory, one big .deb to many clients", lambda: apt.big_deb_memory(Row(
+                12, f"APT: peak resident memory (VmHWM) of the vault while a {size_text(p.apt_big)} .deb streams "
+                   f"to {p.apt_clients} clients: miss / hit; upstream GETs")))
+        self.oci = oci = OciRows(self)
+        if 13 in self.wanted:
+            self.attempt(13, "OCI: warm skopeo copy, vault vs registry", lambda: oci.warm_copy(Row(
+                13, f"OCI, warm: `skopeo copy` of an image with a {size_text(p.oci_layer)} layer through the vault "
+                    f"vs straight from the registry: speed (time direct / time through the vault)")))
+        if 14 in self.wanted:
+            self.attempt(14, "OCI: warm manifest HEADs per second", lambda: oci.manifest_heads(Row(
+                14, f"OCI: warm manifest HEAD by tag at {p.rps_connections} connections: requests/s vs the "
+                    f"small-file hit rate of the same vault (HEAD+GET of a 700-byte file)")))
+        if 15 in self.wanted:
+            self.attempt(15, "OCI: peak memory while a layer streams to many clients", lambda: oci.layer_memory(Row(
+                15, f"OCI: peak resident memory (VmHWM) of the vault while a cold {size_text(p.oci_big_layer)} "
+                    f"layer streams to {p.oci_clients} clients")))
+        for num, target in TARGETS.items():
+            if num in self.rows or num in self.wanted:
+                self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
+
+    def run_core(self):
+        """
+        Rows 1-10: the http backend against the fake origin, nginx and static.File;
+        the pypi backend (same vault) against the fake index.
+        """
+        p = self.plan
         self.setup()
         self.attempt(4, "cold miss vs direct download", self.test_cold_miss)
-        self.attempt(8, "cold miss from an HTTPS origin vs curl over HTTPS", self.test_https_miss)
-        if self.only is None or self.only & {1, 2}:
+        self.attempt(16, "cold miss from an HTTPS origin vs curl over HTTPS", self.test_https_miss)
+        if self.wanted & {1, 2}:
             self.say("priming the other big files")
             for name in self.big_names:
                 self.prime(f"big/{name}", p.big)
@@ -580,9 +777,9 @@ class Bench:
         self.attempt(5, "coalescing concurrent cold requests", self.test_coalesce)
         self.attempt(6, "peak memory while streaming", self.test_memory)
         self.attempt(7, "two processes vs one", self.test_processes)
-        for num, target in TARGETS.items():
-            if self.only is None or num in self.only:
-                self.rows.setdefault(num, Row(num, "(not run)", result="error")).target = target
+        self.attempt(8, "pip download through the vault vs straight from the index", self.test_pip_download)
+        self.attempt(9, "index page requests/s vs small-file hits", self.test_index_pages)
+        self.attempt(10, "peak memory while a big wheel streams to many clients", self.test_wheel_memory)
 
     def close(self):
         self.procs.stop_all()
@@ -619,8 +816,9 @@ def parse_args(argv):
                          "on 2 cores a second one takes CPU from the server it measures)")
     ap.add_argument("--vault-code", help="measure the artifact_vault package of this checkout (default: the one "
                                          "this suite belongs to), e.g. a `git worktree` of an older commit")
-    ap.add_argument("--only", help="run only these rows, e.g. 3,7 (the others are left out of the table)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--rows", help="run only these rows, e.g. 4,16 or 11,12 (the others are left out of the "
+                                   "table; rows 1-10 and 16 share their setup)")
     return ap.parse_args(argv)
 
 
@@ -634,9 +832,9 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(services.VAULT_CODE, "artifact_vault", "__init__.py")):
             sys.stderr.write(f"bench: no artifact_vault package in {services.VAULT_CODE}\n")
             return 2
-    only = sorted({int(x) for x in args.only.split(",")}) if args.only else None
     nginx_bin = find_nginx()
-    if nginx_bin is None:
+    if nginx_bin is None and not (args.rows and all(n.strip() in ("11", "12", "13", "14", "15")
+                                                    for n in args.rows.split(","))):
         msg = ("nginx is not installed: it is the reference of tests 1 and 2 "
                "(install it with: apt-get install -y nginx)")
         if not args.smoke:
@@ -647,7 +845,15 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="vault-bench-", dir=args.workdir)
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else os.path.join(workdir, "data")
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    bench = Bench(plan, workdir, data_dir, nginx_bin, args.rps_processes, only)
+    try:
+        rows = [int(n) for n in args.rows.split(",")] if args.rows else None
+    except ValueError:
+        sys.stderr.write(f"bench: --rows takes row numbers separated by commas, not {args.rows!r}\n")
+        return 2
+    if rows and not set(rows) <= set(TARGETS):
+        sys.stderr.write(f"bench: there are rows {min(TARGETS)}-{max(TARGETS)} only\n")
+        return 2
+    bench = Bench(plan, workdir, data_dir, nginx_bin, args.rps_processes, rows)
     load_at_start = os.getloadavg()
     if load_at_start[0] > 1.0:
         sys.stderr.write(f"bench: the load average is {load_at_start[0]:.2f} before the suite starts: "
@@ -662,6 +868,8 @@ def main(argv=None) -> int:
             rps.client_name(args.rps_processes),
             load_at_start,
         )
+        if bench.oci is not None and bench.oci.registry is not None:
+            header.append(bench.oci.describe())
         text = "\n".join(header + [""] + table(bench.rows[n] for n in sorted(bench.rows))) + "\n"
         sys.stdout.write("\n" + text)
         sys.stdout.flush()

@@ -4,7 +4,7 @@ The servers a benchmark run needs, each a child process of the run:
 * the fake origin (``python -m tests.upstream``), driven over its control
   endpoints (``/_fake/add``, ``/_fake/requests``, ``/_fake/reset``);
 * the vault itself (``twistd -n artifact-vault``) with one ``http`` backend
-  mounted at ``/bench/`` in front of that origin;
+  mounted at ``/bench/`` in front of that origin (or the backends a row asks for);
 * nginx in the foreground with a generated config (``sendfile on``), over
   plain HTTP or over HTTPS with a certificate made for the run;
 * Twisted's own ``static.File``, without an access log (``bench/static_nolog.py``).
@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = "bench"  # the vault backend's name and prefix (/bench/)
+PYPI_BACKEND = "pypi"  # the pypi backend's name and prefix (/pypi/), in front of the fake index
 #: the checkout whose artifact_vault the vault processes run (``--vault-code``)
 VAULT_CODE = ROOT
 
@@ -222,25 +223,80 @@ def start_upstream(procs: Processes, workdir: str, files_dir: str) -> Upstream:
     return Upstream("upstream", url, proc, log)
 
 
+# -- the fake PyPI index --------------------------------------------------------
+
+
+class FakeIndex(Server):
+    """tests/fakepypi.py: the index (``url``, ending in /simple/) and its file host on 127.0.0.2."""
+
+    def control(self, route: str, document=None) -> object:
+        base = self.url[: -len("/simple/")]
+        if document is None:
+            status, body = http_request(f"{base}/_fake/{route}", timeout=600)
+        else:
+            status, body = http_request(f"{base}/_fake/{route}", "POST", json.dumps(document).encode(),
+                                        {"Content-Type": "application/json"}, timeout=600)
+        if status != 200:
+            raise BenchError(f"the fake index refused {route}: {status} {body[:200]!r}")
+        return json.loads(body)
+
+    def file_gets(self, filename: str) -> int:
+        return sum(1 for r in self.control("requests")
+                   if r["method"] == "GET" and r["path"].split("?")[0].endswith("/" + filename))
+
+
+def start_fake_index(procs: Processes, workdir: str) -> FakeIndex:
+    folder = os.path.join(workdir, "fakepypi")
+    os.makedirs(folder, exist_ok=True)
+    ready = os.path.join(folder, "ready.json")
+    log = os.path.join(folder, "stderr.log")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log, "wb") as out:
+        proc = procs.spawn(
+            [sys.executable, "-m", "tests.fakepypi", "--index", "127.0.0.1:0", "--files", "127.0.0.2:0",
+             "--ready-file", ready, "--workdir", os.path.join(folder, "work")],
+            session=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out,
+        )
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready):
+        if proc.poll() is not None:
+            raise BenchError(f"the fake index exited with status {proc.returncode}{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise BenchError("the fake index did not start within 60 s")
+        time.sleep(0.05)
+    with open(ready) as f:
+        urls = json.load(f)
+    return FakeIndex("fake PyPI index", urls["index"], proc, log, {"files": urls["files"]})
+
+
 # -- the vault --------------------------------------------------------------
 
 
-def vault_config(upstream_url: str, cache_dir: str, port: int, backend_options=None, **top) -> dict:
+def vault_config(upstream_url: str, cache_dir: str, port: int, pypi_url: str | None = None, backends=None,
+                 backend_options=None, **top) -> dict:
+    """
+    A vault's configuration: `backends` as given, or the http backend (with
+    `backend_options` added to its config; and a pypi one at `pypi_url`).
+    """
+    if backends is None:
+        backends = [{"type": "http", "name": BACKEND,
+                     "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/", **(backend_options or {})}}]
+        if pypi_url:
+            backends.append({"type": "pypi", "name": PYPI_BACKEND, "config": {"base_url": pypi_url.rstrip("/")}})
     return {
         "http_host": "127.0.0.1",
         "http_port": port,
         "cache_dir": cache_dir,
         "log_level": "INFO",  # the default: what a deployment runs with
-        "backends": [{"type": "http", "name": BACKEND,
-                      "config": {"base_url": upstream_url, "prefix": f"/{BACKEND}/", **(backend_options or {})}}],
+        "backends": backends,
         **top,
     }
 
 
 def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: str, name="vault",
-                port=None, backend_options=None, **top) -> Server:
+                port=None, pypi_url=None, backend_options=None, **top) -> Server:
     """
-    The vault with one http backend in front of `upstream_url`, its access log
+    The vault in front of `upstream_url` (see `vault_config`), its access log
     on (a file of its own: ``NAME.access.log``, where the code knows
     ``access_log``; before that, its lines went into the vault's log).
     """
@@ -249,10 +305,13 @@ def start_vault(procs: Processes, workdir: str, upstream_url: str, cache_dir: st
         top.setdefault("access_log", os.path.join(workdir, f"{name}.access.log"))
     config = os.path.join(workdir, f"{name}.yml")
     with open(config, "w") as f:
-        json.dump(vault_config(upstream_url, cache_dir, port, backend_options, **top), f, indent=1)  # JSON is YAML
+        json.dump(vault_config(upstream_url, cache_dir, port, pypi_url, backend_options=backend_options, **top), f,
+                  indent=1)  # JSON is YAML
     log = os.path.join(workdir, f"{name}.log")
     err = os.path.join(workdir, f"{name}.stderr")
-    env = dict(os.environ, PYTHONPATH=VAULT_CODE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the measured checkout's code first (the header names its git revision), as the tests run the daemon
+    env = dict(os.environ, PYTHONPATH=VAULT_CODE + (os.pathsep + os.environ["PYTHONPATH"]
+                                                    if os.environ.get("PYTHONPATH") else ""))
     with open(err, "wb") as out:
         proc = procs.spawn(
             twistd_argv() + ["-n", "--pidfile=", "--logfile", log, "artifact-vault", "--config", config],

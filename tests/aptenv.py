@@ -117,17 +117,56 @@ class AptClient:
 
     # -- running -------------------------------------------------------------
 
-    def run(self, *args, proxy=None, cwd=None, program="apt-get", options=None):
-        """Run an apt program with the private configuration; (returncode, stdout+stderr)."""
+    def command(self, *args, proxy=None, program="apt-get", options=None):
+        """The command line of an apt program with the private configuration."""
         cmd = [program]
         if proxy:
             cmd += ["-o", "Acquire::http::Proxy=%s" % proxy]
         for key, value in (options or {}).items():
             cmd += ["-o", "%s=%s" % (key, value)]
-        cmd += list(args)
+        return cmd + list(args)
+
+    def run(self, *args, proxy=None, cwd=None, program="apt-get", options=None):
+        """Run an apt program with the private configuration; (returncode, stdout+stderr)."""
+        cmd = self.command(*args, proxy=proxy, program=program, options=options)
         proc = subprocess.run(cmd, env=self.env, cwd=cwd or self.folder, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=self.timeout, check=False)
         return proc.returncode, proc.stdout
+
+    # -- the same, without blocking a reactor (in-process servers keep answering) ----------
+
+    def spawn(self, *args, proxy=None, cwd=None, program="apt-get", options=None):
+        """`run` as a child process of the running reactor: a Deferred (returncode, stdout+stderr).
+        No thread is taken, so any number can run at once beside in-process servers."""
+        from twisted.internet import reactor
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        cmd = self.command(*args, proxy=proxy, program=program, options=options)
+        path = shutil.which(cmd[0]) or cmd[0]
+        d = getProcessOutputAndValue(path, cmd[1:], env=self.env, path=cwd or self.folder, reactor=reactor)
+        timer = reactor.callLater(self.timeout, d.cancel)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            out, err, code = result
+            return code, (out + err).decode("utf-8", "replace")
+
+        return d.addCallback(done)
+
+    def update_async(self, sources_line: str, proxy: str = None, options=None):
+        with open(os.path.join(self.etc, "sources.list"), "w") as fh:
+            fh.write(sources_line.rstrip("\n") + "\n")
+        self.proxy = proxy
+        return self.spawn("update", proxy=proxy, options=options)
+
+    def install_async(self, pkgs, options=None):
+        return self.spawn("install", "--download-only", *pkgs, proxy=self.proxy, options=options)
+
+    def download_async(self, pkgs, dest=None, options=None):
+        dest = os.path.abspath(str(dest or os.path.join(self.folder, "downloads")))
+        os.makedirs(dest, exist_ok=True)
+        return self.spawn("download", *pkgs, proxy=self.proxy, cwd=dest, options=options)
 
     def update(self, sources_line: str, proxy: str = None, options=None):
         """Write sources.list (one line), apt-get update.  ``proxy`` (e.g.

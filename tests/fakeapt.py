@@ -342,6 +342,27 @@ class AptRepo:
         self._apply(list(self._order("mirror")))
         return os.path.join(self.archive, rel)
 
+    def add_flat(self, name: str = "flat") -> str:
+        """A signed flat repository (``deb URI ./``) of the current packages at ``www/<name>``:
+        the .debs, Packages (+ .xz), Release and InRelease side by side.  Returns ``/<name>``,
+        its path on the mirror."""
+        top = os.path.join(self.www, name)
+        os.makedirs(top, exist_ok=True)
+        for package, info in self.packages().items():
+            shutil.copyfile(os.path.join(self.archive, info["filename"]),
+                            os.path.join(top, os.path.basename(info["filename"])))
+        packages = _run(["apt-ftparchive", "-q", "packages", "."], cwd=top,
+                        env=dict(os.environ, APT_CONFIG=os.path.join(self.work, "apt.conf")))
+        self._write_index(os.path.join(top, "Packages"), packages.decode(), gz=False)
+        release = _run(["apt-ftparchive", "-q", "-o", "APT::FTPArchive::Release::SHA1=false",
+                        "-o", "APT::FTPArchive::Release::SHA512=false", "release", "."], cwd=top,
+                       env=dict(os.environ, APT_CONFIG=os.path.join(self.work, "apt.conf")))
+        with open(os.path.join(top, "Release"), "wb") as fh:
+            fh.write(release)
+        self._gpg("--digest-algo", "SHA512", "--clearsign", "-o", os.path.join(top, "InRelease"),
+                  os.path.join(top, "Release"))
+        return "/" + name
+
     # -- inspection ----------------------------------------------------------
 
     def packages(self) -> Dict[str, Dict[str, Any]]:

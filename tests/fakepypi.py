@@ -89,6 +89,9 @@ Control endpoints, on both hosts, never logged and never faulted:
 * ``POST /_fake/release``  JSON ``{"project", "version", "requires": [...],
   "requires_python", "yanked", "wheel", "sdist", "metadata_file", "pad_bytes"}``;
   answers the new files as in /_fake/info.
+* ``POST /_fake/dist``  JSON ``{"project", "path", "version", "sha256", "metadata"}``: publish a
+  file already on disk (``add_dist``; e.g. a big wheel built once and kept); answers it as in
+  /_fake/info.
 * ``POST /_fake/yank``  JSON ``{"project", "version", "reason"}``.
 * ``POST /_fake/options``  JSON with any of ``html_only``, ``same_host``,
   ``gzip_index``, ``strict_accept``.
@@ -1128,6 +1131,10 @@ class FakePyPI:
                 project, version = body.pop("project"), body.pop("version")
                 files = self.add_release(project, version, **body)
                 _send_json(request, 200, [f.describe(self._files_base()) for f in files])
+            elif sub == "dist" and method == b"POST":
+                project, path = body.pop("project"), body.pop("path")
+                dist = self.add_dist(project, path, **body)
+                _send_json(request, 200, dist.describe(self._files_base()))
             elif sub == "yank" and method == b"POST":
                 self.yank(body["project"], body["version"], body.get("reason", True))
                 _send_json(request, 200, {"ok": True})

@@ -43,6 +43,10 @@ accept schema2 would be converted to schema1 by distribution — this fake does
 not make schema1 and answers 404 MANIFEST_UNKNOWN instead.  ``*/*`` and a
 missing Accept name no manifest type (as in distribution).
 
+Basic auth (``basic_auth=True``): every ``/v2/`` request needs ``Authorization:
+Basic`` of one of ``users``, else 401 with ``WWW-Authenticate: Basic
+realm="fake-registry"`` (a private registry:2 with an htpasswd file).
+
 Auth (``auth=True``): every ``/v2/`` request needs ``Authorization: Bearer
 <token>`` from the token server, else 401 with ``WWW-Authenticate: Bearer
 realm="<token_url>/token",service="fake-registry",scope="repository:<name>:pull"``
@@ -163,6 +167,7 @@ SERVERS = ("registry", "token", "cdn")
 
 DEFAULT_OPTIONS = {
     "auth": False,  # token auth on /v2/
+    "basic_auth": False,  # Basic auth on /v2/ instead (the users below), as a private registry:2 with htpasswd
     "token_ttl": 300,  # seconds a token is valid (expires_in)
     "users": {USER: PASSWORD},  # Basic auth accounts of the token server
     "cdn_redirect": False,  # blobs answered by 307 to the CDN
@@ -1095,7 +1100,9 @@ class FakeRegistry:
         return value
 
     def _authorized(self, request, name: Optional[str]) -> bool:
-        """True, or answers 401 with the Bearer challenge and returns False."""
+        """True, or answers 401 with the Bearer (or Basic) challenge and returns False."""
+        if self.options["basic_auth"]:
+            return self._basic_authorized(request, name)
         if not self.options["auth"]:
             return True
         header = request.getHeader("authorization") or ""
@@ -1112,6 +1119,22 @@ class FakeRegistry:
         detail = [{"Type": "repository", "Class": "", "Name": name, "Action": "pull"}] if name else None
         _registry_error(request, 401, "UNAUTHORIZED", "authentication required", detail,
                         headers=[("WWW-Authenticate", self._challenge(name, error))])
+        return False
+
+    def _basic_authorized(self, request, name: Optional[str]) -> bool:
+        header = request.getHeader("authorization") or ""
+        user = None
+        if header[:6].lower() == "basic ":
+            try:
+                who, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                who, password = "", None
+            if self.options["users"].get(who) == password:
+                user = who
+        if user is not None and (name is None or self._may_pull(name, user) or name not in self.repos):
+            return True
+        _registry_error(request, 401, "UNAUTHORIZED", "authentication required",
+                        headers=[("WWW-Authenticate", 'Basic realm="fake-registry"')])
         return False
 
     def _registry(self, request, path: str, params: dict):

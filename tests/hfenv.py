@@ -216,12 +216,12 @@ class VaultProcess:
 
 
 @contextlib.contextmanager
-def vault_process(folder, backends, **top):
-    """Run the real daemon (twistd -n artifact-vault) on a free port; yields a VaultProcess."""
+def vault_process(folder, backends, port=None, **top):
+    """Run the real daemon (twistd -n artifact-vault) on `port` or a free one; yields a VaultProcess."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config = {"http_host": "127.0.0.1", "http_port": port, "cache_dir": str(folder / "cache"),
               "log_level": "DEBUG", "backends": backends, **top}
     (folder / "config.yml").write_text(yaml.safe_dump(config))

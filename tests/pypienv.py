@@ -254,6 +254,9 @@ class FakePyPIProcess:
     def add_release(self, project: str, version: str, **options) -> list:
         return self._post("release", {"project": project, "version": version, **options})
 
+    def add_dist(self, project: str, path, **options) -> dict:
+        return self._post("dist", {"project": project, "path": os.fspath(path), **options})
+
     def yank(self, project: str, version: str, reason=True) -> None:
         self._post("yank", {"project": project, "version": version, "reason": reason})
 

@@ -360,3 +360,40 @@ def test_yaml_document_round_trip(tmp_path):
     config = load(str(path), environ={"T": "tok"})
     assert [b.prefix for b in config.backends] == ["/files/", "/huggingface/"]
     assert config.backends[1].options["token"] == "tok"
+
+
+# -- oci ------------------------------------------------------------------------
+
+
+def oci_backend(name="hub", **config):
+    return {"type": "oci", "name": name, "config": {"registry": "docker.io", "base_url": "https://r.example", **config}}
+
+
+def test_oci_backend_defaults_and_values():
+    (b,) = parse({"backends": [oci_backend()]}, environ={}).backends
+    assert (b.prefix, b.base_url) == ("/hub/", "https://r.example")
+    assert dict(b.options) == {"registry": "docker.io", "default": False, "username": "", "password": "",
+                               "tag_ttl": 300, "offline_timeout": 4}
+    (b,) = parse({"backends": [oci_backend(default="${D}", tag_ttl="${T}", password="${P}")]},
+                 environ={"D": "true", "T": "0", "P": "secret"}).backends
+    assert (b.options["default"], b.options["tag_ttl"], b.options["password"]) == (True, 0, "secret")
+
+
+@pytest.mark.parametrize("registry", ["Docker.io", "docker.io/x", "-a.io", "a..io", "a.io:port", "", "a b"])
+def test_bad_oci_registry(registry):
+    assert_names(config_error({"backends": [oci_backend(registry=registry)]}), "backends[0].config.registry",
+                 "registry")
+
+
+def test_oci_registry_required_and_unique_and_one_default():
+    document = {"backends": [{"type": "oci", "config": {"base_url": "https://r.example"}}]}
+    assert_names(config_error(document), "backends[0].config.registry", "required")
+    document = {"backends": [oci_backend("a"), oci_backend("b")]}
+    assert_names(config_error(document), "backends[1].config.registry", "docker.io", "backends[0]")
+    document = {"backends": [oci_backend("a", default=True), oci_backend("b", registry="ghcr.io", default=True)]}
+    assert_names(config_error(document), "backends[1].config.default", "one")
+    assert_names(config_error({"backends": [oci_backend(default="maybe")]}), "backends[0].config.default",
+                 "true or false")
+    assert_names(config_error({"backends": [oci_backend(tag_ttl=-1)]}), "backends[0].config.tag_ttl", "0 or more")
+    assert_names(config_error({"backends": [{"type": "oci", "config": {"registry": "ghcr.io"}}]}),
+                 "backends[0].config.base_url", "required")

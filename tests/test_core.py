@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import time
 
 import pytest
 import pytest_twisted
@@ -519,6 +520,62 @@ async def test_access_tokens_gate_every_client(vault_factory, upstream, http):
     assert (await http.get(v.url + "/_vault/health")).code == 200  # probes need no token
     # the vault's own tokens never travel upstream
     assert all("vault-token" not in " ".join(r.headers.values()) for r in upstream.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_access_token_as_the_password_of_basic_auth(vault_factory, upstream, http):
+    """What docker, podman, containerd and pip send for a ``user:token`` login."""
+    import base64
+
+    upstream.add("/a.txt", SMALL)
+    v = vault_factory(backend(upstream), access_tokens=["vault-token-1"])
+    for user in ("me", "", "__token__"):
+        basic = "Basic " + base64.b64encode(f"{user}:vault-token-1".encode()).decode()
+        r = await http.get(v.url + "/files/a.txt", headers={"Authorization": basic})
+        assert r.code == 200 and await r.content() == SMALL
+    for wrong in (b"me:vault-token-2", b"vault-token-1", b"vault-token-1:"):
+        r = await http.get(v.url + "/files/a.txt", headers={"Authorization": "Basic " + base64.b64encode(wrong).decode()})
+        assert r.code == 401, wrong
+    r = await http.get(v.url + "/files/a.txt", headers={"Authorization": "Basic %%%not-base64"})
+    assert r.code == 401
+    assert all("authorization" not in {k.lower() for k in r.headers} for r in upstream.requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_client_hello_on_the_plain_port_gets_an_answer_at_once(vault_factory, upstream):
+    """
+    Clients told that a server is insecure (skopeo --tls-verify=false, docker's
+    insecure-registries) try HTTPS first and fall back on an error: a server
+    that stays silent costs each of them its handshake timeout (10 s).
+    """
+    import socket
+    import ssl
+
+    upstream.add("/a.txt", SMALL)
+    v = vault_factory(backend(upstream))
+    port = int(v.url.rsplit(":", 1)[1])
+
+    def handshake():
+        started = time.monotonic()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            try:
+                context.wrap_socket(sock, server_hostname="127.0.0.1")
+            except ssl.SSLError as e:
+                failed = e
+            else:
+                failed = None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64)
+            answer = sock.recv(4096)
+        return failed, answer, time.monotonic() - started
+
+    failed, answer, took = await deferToThread(handshake)
+    assert failed is not None and took < 2
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    status, _, body = await raw_get(v.url, "/files/a.txt")
+    assert (status, body) == (200, SMALL)  # plain HTTP as before
 
 
 @pytest_twisted.ensureDeferred

@@ -55,10 +55,16 @@ def test_sample_config_validates_with_and_without_hf_token():
     path = os.path.join(ETC, "config.yml")
     without = load(path, environ={})
     with_token = load(path, environ={"HF_TOKEN": "hf_example", "VAULT_ACCESS_TOKENS": "vault-token-1,vault-token-2",
-                                     "VAULT_ADMIN_TOKEN": "admin-token-0123456789"})
+                                     "VAULT_ADMIN_TOKEN": "admin-token-0123456789", "DOCKERHUB_USER": "someone",
+                                     "DOCKERHUB_TOKEN": "dckr_pat_example"})
     for config in (without, with_token):
         assert config.cache_dir == CACHE_DIR
-        assert [(b.type, b.prefix) for b in config.backends] == [("huggingface", "/huggingface/"), ("http", "/files/")]
+        assert [(b.type, b.prefix) for b in config.backends] == [
+            ("huggingface", "/huggingface/"), ("http", "/files/"), ("pypi", "/pypi/"), ("apt", "/debian/"),
+            ("oci", "/ghcr/"), ("oci", "/dockerhub/")]
+        assert [b.options["registry"] for b in config.backends[4:]] == ["ghcr.io", "docker.io"]
+    assert without.backends[5].options["username"] == "" and without.backends[5].options["password"] == ""
+    assert with_token.backends[5].options["password"] == "dckr_pat_example"
     assert without.backends[0].options["token"] == ""
     assert with_token.backends[0].options["token"] == "hf_example"
     assert with_token.backends[1].base_url == "https://example.org/files"
@@ -356,3 +362,14 @@ def test_parse_accepts_what_the_manual_shows_for_http():
     block = next(b for _, b in literal_blocks(read("docs", "http.rst")) if b.startswith("backends:"))
     config = parse(yaml.safe_load(block), environ={})
     assert [(b.type, b.name, b.prefix) for b in config.backends] == [("http", "files", "/files/")]
+
+
+def test_parse_accepts_what_the_manual_shows_for_oci():
+    """The configuration block of docs/oci.rst, and the one in the README, are valid as shown."""
+    block = next(b for _, b in literal_blocks(read("docs", "oci.rst")) if b.startswith("backends:"))
+    config = parse(yaml.safe_load(block), environ={"DOCKERHUB_USER": "someone", "DOCKERHUB_TOKEN": "dckr_pat_x"})
+    assert [(b.type, b.name, b.options["registry"], b.options["default"]) for b in config.backends] == [
+        ("oci", "dockerhub", "docker.io", True), ("oci", "ghcr", "ghcr.io", False)]
+    assert config.backends[0].options["password"] == "dckr_pat_x"
+    block = next(b for _, b in literal_blocks(read("README.rst")) if "type: oci" in b)
+    assert parse(yaml.safe_load(block), environ={}).backends[0].options["registry"] == "docker.io"

@@ -254,6 +254,18 @@ def test_index_validators_and_runtime_release(pypi):
     assert get(pypi.index + "alpha/", JSON_V1, if_modified_since=first["last-modified"])[0] == 304  # untouched
 
 
+def test_dist_built_elsewhere_is_published(pypi, tmp_path):
+    path = build_wheel(tmp_path, "Kept-Big", "3.0", pad_bytes=100_000)
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    added = pypi.add_dist("Kept-Big", path, sha256=sha)
+    assert added["filename"] == "kept_big-3.0-py3-none-any.whl" and added["sha256"] == sha
+    assert added["version"] == "3.0" and added["metadata_sha256"] is None
+    (entry,) = project_json(pypi, "kept-big")["files"]
+    assert entry["hashes"]["sha256"] == sha and entry["size"] == os.path.getsize(path)
+    status, _, body = get(entry["url"])
+    assert status == 200 and hashlib.sha256(body).hexdigest() == sha
+
+
 def test_files_host_ranges_and_validators(pypi):
     wheel = project_json(pypi, "beta")["files"][0]
     url, size = wheel["url"], wheel["size"]

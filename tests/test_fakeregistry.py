@@ -508,3 +508,16 @@ def test_docker_registry_round_trip(tmp_path, home):
         assert_dir_copy(tmp_path / "back", small)
         status, headers, _ = fetch("HEAD", dr.url + "/v2/library/small/manifests/1.0", {"Accept": OCI_MANIFEST})
         assert status == 200 and headers["docker-content-digest"] == small.digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth_registry(rig, tmp_path, home):
+    reg = rig(basic_auth=True)
+    ref = "docker://" + reg.ref("library/small", "1.0")
+    proc = await in_thread(skopeo_copy, ref, tmp_path / "anon", home=home, check=False)
+    assert proc.returncode != 0
+    status, headers, _ = await in_thread(fetch, "GET", reg.url + "/v2/")
+    assert status == 401 and headers["www-authenticate"] == 'Basic realm="fake-registry"'
+    await in_thread(skopeo_copy, ref, tmp_path / "ok", src_creds=(USER, PASSWORD), home=home)
+    assert_dir_copy(tmp_path / "ok", reg.manifest("library/small", "1.0"))
+    assert not reg.requests_to("token")

@@ -82,10 +82,14 @@ CUT_CASES.append(("chunked", len(BIG)))
 @pytest_twisted.ensureDeferred
 async def test_cut_at_any_offset_is_an_error_and_nothing_is_kept(vault_factory, upstream, http, framing, offset):
     chunked = framing == "chunked"
-    upstream.add("/cut.bin", BIG, cut_after=offset, chunked=chunked)
+    upstream.add("/cut.bin", BIG, cut_after=offset, chunked=chunked, hold=True)
     v = vault_factory(backend(upstream))
-    # two clients on the one transfer: the first one's and a joiner's view
-    results = await gatherResults([Deferred.fromCoroutine(outcome(http, v.url + "/files/cut.bin")) for _ in range(2)])
+    # two clients on the one transfer: the first one's and a joiner's view (upstream holds
+    # the body until both are there, however slow the machine)
+    both = gatherResults([Deferred.fromCoroutine(outcome(http, v.url + "/files/cut.bin")) for _ in range(2)])
+    await until(lambda: getattr(v.vault.downloads.get("files/cut.bin"), "interested", 0) == 2, timeout=20)
+    upstream.release("/cut.bin")
+    results = await both
     print(f"cut {framing} at {offset}: the clients saw", [(code, len(data), "clean" if clean else "aborted")
                                                           for code, data, clean in results])
     for code, data, clean in results:

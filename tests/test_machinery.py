@@ -81,6 +81,28 @@ def test_a_download_goes_pending_streaming_failed_and_tells_every_waiter(tmp_pat
     late.addErrback(lambda f: None)
 
 
+def test_a_reader_that_opens_between_the_rename_and_the_commit_gets_the_bytes(tmp_path):
+    """
+    The commit renames the temp file in a thread, so a client that found no
+    entry a moment before may open the download when the temp name is gone
+    and the commit not yet told (seen under load in tests/test_cluster.py:
+    a 503 "cannot open the cached file").
+    """
+    store = CacheStore(str(tmp_path))
+    download = Download(spec(), Clock())
+    writer = download.open_writer(store, 5, {})
+    writer.write(b"12345")
+    os.rename(writer.temp_path, store.path_for(download.key))  # what the publishing thread does
+    fd = download.open()
+    try:
+        assert os.pread(fd, 5, 0) == b"12345"
+    finally:
+        os.close(fd)
+    download.failed(Failure(UpstreamUnavailable("test over")))
+    with pytest.raises(FileNotFoundError):
+        download.open()  # no file any more: nothing is left open either
+
+
 def test_a_waiter_that_leaves_drops_only_its_own_wait():
     download = Download(spec(), Clock())
     leaving, staying = download.ready(), download.ready()

@@ -50,8 +50,11 @@ def hub(tmp_path_factory):
 
 @pytest.fixture
 def normal_hub(hub):
+    """The fake hub answering normally before and after the test, whatever the test did to it."""
+    normal = {"target": "both", "mode": "normal", "only_token": None, "revoked": [], "throttle_bps": None}
+    hub.post_json("/_fake/mode", normal)
     yield hub
-    hub.post_json("/_fake/mode", {"mode": "normal", "only_token": None, "revoked": []})
+    hub.post_json("/_fake/mode", normal)
 
 
 def files_below(folder):

@@ -16,7 +16,8 @@ import uuid
 import pytest
 import pytest_twisted
 
-from tests.hfenv import PRIVATE_TOKEN, UNAPPROVED_TOKEN, fake_hub, fetch, vault_process
+from tests.hfenv import PRIVATE_TOKEN, UNAPPROVED_TOKEN, fetch, vault_process
+from tests.test_security import files_below, hf_backends, hub, normal_hub  # noqa: F401 - fixtures
 from tests.test_core import SMALL, backend, raw_get
 
 APPROVED = {"Authorization": f"Bearer {PRIVATE_TOKEN}"}
@@ -25,33 +26,14 @@ GATED = "acme/gated-model"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def hf_backends(hub, **config):
-    return [{"type": "huggingface", "config": {"base_url": hub.hub, "offline_timeout": 1, **config}}]
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with fake_hub(tmp_path_factory.mktemp("hub")) as h:
-        yield h
-
-
-@pytest.fixture
-def normal_hub(hub):
-    hub.post_json("/_fake/mode", {"target": "both", "mode": "normal", "only_token": None, "revoked": [],
-                                  "throttle_bps": None})
-    yield hub
-    hub.post_json("/_fake/mode", {"target": "both", "mode": "normal", "only_token": None, "revoked": [],
-                                  "throttle_bps": None})
-
-
-def files_below(folder):
-    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
-
-
 def records(vault, kind):
-    """The data files (not sidecars) of one record kind below the Hugging Face backend's folder."""
+    """
+    The data files (not sidecars) of one record kind below the Hugging Face
+    backend's folder; not the temp files of records still being written in a
+    thread (each becomes, or replaces, one of the others).
+    """
     folder = os.path.join(vault.folder, "cache", "huggingface", kind)
-    return [p for p in files_below(folder) if not p.endswith(".vault-meta")]
+    return [p for p in files_below(folder) if not p.endswith((".vault-meta", ".vault-tmp"))]
 
 
 # -- A. a revoked client reads gated files again by getting its own token rate-limited ------------

@@ -341,8 +341,9 @@ class _Sender:
             while not (self.done or self.paused):
                 limit = self._limit()
                 if limit is not None and self.sent >= limit:
-                    if self.cut is not None and self.sent >= self.cut:
-                        self._abort_when_flushed()
+                    gate = self.entry.gate
+                    if self.cut is not None and self.sent >= self.cut and (gate is None or gate > self.cut):
+                        self._abort_when_flushed()  # (a hold at the cut point holds: release to cut)
                     return  # held, stalled, or cut
                 n = CHUNK
                 if self.throttle:

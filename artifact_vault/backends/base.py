@@ -14,11 +14,20 @@ It answers through the shared flows here:
 * `Backend.forward`: relay a small upstream answer, optionally rewritten.
 * `Backend.kept`: small mutable answers with a TTL, revalidated, served
   stale when upstream fails (`freshness.KeptAnswers`).
+* `Backend.serve_kept_file`: the same for files of any size (an index of
+  tens of MB), kept on disk and revalidated through the one download of
+  the key (`freshness.KeptFiles`).
+* `Backend.fetch_entry`: bring a file into the cache without a client
+  (the one download of the key, joined or started), for the entry.
+
+A backend that also serves clients using the vault as their HTTP proxy names
+the upstream URLs it serves that way in `proxy_bases`; `site.ProxyRouter`
+then hands it those absolute-form requests, with ``request.subpath`` set.
 """
 
 import time
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, succeed
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -26,12 +35,13 @@ from twisted.web.resource import Resource
 
 from ..bounded import LRU
 from ..config import BackendConfig
-from ..downloads import DownloadSpec
-from ..errors import MethodNotAllowed, UpstreamStatus, safe_url
-from ..fetch import Discard, read_body
-from ..freshness import KeptAnswers, UpstreamHealth
+from ..downloads import DownloadSpec, HolderGone
+from ..errors import MethodNotAllowed, UpstreamStatus, VaultError, safe_url
+from ..fetch import Discard, origin, read_body
+from ..freshness import KeptAnswers, KeptFiles, UpstreamHealth
 from ..logs import VaultLogger
 from ..serve import StoredBody, serve
+from ..store import Entry
 from ..site import CONTENT_HEADERS, answer
 
 log = VaultLogger()
@@ -54,8 +64,12 @@ RELAYED_HEADERS = (
 
 
 def _what(request) -> str:
-    """How the log names a request that failed."""
-    return f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
+    """How the log names a request that failed (built only when one does)."""
+    what = f"{request.method.decode('ascii', 'replace')} {request.path.decode('ascii', 'replace')[:300]}"
+    target = getattr(request, "proxy_target", None)
+    if target is not None:
+        what = what.replace(" ", f" {target.scheme}://{target.authority}", 1)
+    return what
 
 
 class Backend(Resource):
@@ -72,12 +86,16 @@ class Backend(Resource):
         self.store = machinery.store
         self.downloads = machinery.downloads
         self.upstream = machinery.upstream
-        #: headers sent upstream on every request (and dropped on a hop to another origin)
+        #: headers sent with every request to the upstream's origin (never to another origin:
+        #: see `configured_headers`; a redirect to another origin drops them too)
         self.upstream_headers = dict(config.headers)
+        self.upstream_origin = origin(config.base_url) if config.base_url else None
         #: whether upstream answers at all (see freshness.UpstreamHealth)
         self.health = UpstreamHealth(self.name)
         #: small mutable answers of this backend (index pages, tags, API answers)
         self.kept = KeptAnswers(self.store)
+        #: mutable files of any size, kept on disk with their validators
+        self.kept_files = KeptFiles(self.store, self.downloads, machinery.reactor)
         #: downloads this backend runs at once; more wait for a slot
         self.download_slots = DeferredSemaphore(config.max_downloads)
         #: upstream answers this backend reads whole at once (memory: BUFFERED_AT_ONCE x FORWARD_LIMIT)
@@ -103,8 +121,9 @@ class Backend(Resource):
         metrics = self.machinery.metrics
         if metrics is not None:
             request.notifyFinish().addBoth(lambda _: metrics.count_answer(request))
-        prefix = self.config.prefix.encode("ascii")
-        subpath = request.path[len(prefix):]
+        subpath = getattr(request, "subpath", None)
+        if subpath is None:
+            subpath = request.path[len(self.config.prefix.encode("ascii")):]
         return answer(request, lambda: self.handle(request, subpath), lambda: _what(request), metrics)
 
     def handle(self, request, subpath: bytes):
@@ -120,6 +139,14 @@ class Backend(Resource):
 
     # -- hooks -----------------------------------------------------------------------
 
+    def proxy_bases(self) -> tuple:
+        """
+        Upstream URLs whose files this backend also serves to clients that use
+        the vault as their HTTP proxy (absolute-form requests below one of
+        them); none unless a backend type offers it.
+        """
+        return ()
+
     def prefetch(self, request, body: dict) -> Deferred:
         """Warm the cache as the admin endpoint asks (backend types that offer it override this)."""
         from ..errors import BadRequest
@@ -131,10 +158,25 @@ class Backend(Resource):
 
     # -- flows ---------------------------------------------------------------------------
 
+    def configured_headers(self, url: str) -> dict:
+        """
+        The configured ``headers`` for a request to `url`: all of them on the
+        upstream's own origin (``base_url``'s scheme, host and port), none on
+        any other (a file host an index names, a CDN): credentials go only
+        where they were configured for.
+        """
+        if not self.upstream_headers:
+            return {}
+        try:
+            same = origin(url) == self.upstream_origin
+        except VaultError:
+            same = False
+        return dict(self.upstream_headers) if same else {}
+
     def download_spec(self, key: str, url: str, *, headers: dict | None = None, **kw) -> DownloadSpec:
         """What a download of `url` into `key` needs, with this backend's headers, timeouts and limits."""
         return DownloadSpec(
-            key=key, url=url, headers={**self.upstream_headers, **(headers or {})},
+            key=key, url=url, headers={**self.configured_headers(url), **(headers or {})},
             sensitive_headers=tuple(self.sensitive_headers(headers)), timeout=self.config.timeout,
             max_redirects=self.config.max_redirects, ca_file=self.config.ca_file, **kw)
 
@@ -165,6 +207,54 @@ class Backend(Resource):
         # a client that left while waiting cancelled its wait: nothing to answer
         return ready.addCallback(streaming).addErrback(lambda failure: failure.trap(CancelledError))
 
+    def serve_kept_file(self, request, spec: DownloadSpec, *, ttl: float, wait: float | None = None,
+                        meta_override: dict | None = None) -> Deferred:
+        """
+        Serve a mutable file of any size (``spec.key``) as `freshness.KeptFiles`
+        decides: the kept copy while younger than `ttl` seconds, else what a
+        conditional GET says (the kept copy renewed on 304, the new version
+        streamed while it replaces the kept one on 200), or the kept copy,
+        logged as stale, when upstream fails or takes longer than `wait`.
+        """
+        d = self.kept_files.get(spec, ttl=ttl, health=self.health, slots=self.download_slots, wait=wait)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def got(result):
+            body, source = result
+            if isinstance(body, Entry):
+                if source == "stale":
+                    request.set_outcome("stale")
+                    self.store.touch(body)
+                    return serve(request, StoredBody(body), dict(body.meta, **(meta_override or {})))
+                return self.serve_hit(request, body, spec.name, meta_override)
+            request.set_outcome("miss")
+            request.notifyFinish().addBoth(lambda _: body.detach())
+            if request.disconnected:
+                return None
+            return serve(request, body, dict(body.meta, **(meta_override or {})))
+
+        return d.addCallback(got).addErrback(lambda failure: failure.trap(CancelledError))
+
+    def fetch_entry(self, spec: DownloadSpec) -> Deferred:
+        """
+        The committed entry of ``spec.key``: from the cache, or once the one
+        download of it (running, or started here) is complete and verified.
+        No client streams it; it fails like the download.
+        """
+        entry = self.store.lookup(spec.key)
+        if entry is not None and not spec.replaces:
+            return succeed(entry)
+
+        def start(_=None):
+            download, _how = self.downloads.join(spec, self.download_slots)
+            return download.published()
+
+        def again(failure):
+            failure.trap(HolderGone)  # the other process let go before streaming: once more
+            return start()
+
+        return start().addErrback(again)
+
     def serve_hit(self, request, entry, label: str, meta_override: dict | None = None) -> Deferred:
         self.log_hit(label)
         request.set_outcome("hit")
@@ -194,7 +284,7 @@ class Backend(Resource):
         return self.upstream.request(
             method,
             url,
-            {**self.upstream_headers, **(headers or {})},
+            {**self.configured_headers(url), **(headers or {})},
             timeout=kw.pop("timeout", self.config.timeout),
             max_redirects=kw.pop("max_redirects", self.config.max_redirects),
             sensitive_headers=self.sensitive_headers(headers),

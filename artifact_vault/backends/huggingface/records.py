@@ -18,10 +18,8 @@ from urllib.parse import quote
 
 from ...bounded import LRU
 from ...freshness import Answer
-from ...logs import VaultLogger
 from .hub import COMMIT, Repo
 
-log = VaultLogger()
 
 #: records kept in memory after they were written or read
 MEMORY_LIMIT = 10_000
@@ -62,14 +60,7 @@ class Records:
         """Write `document` at `key` (in a thread); it is readable from memory at once."""
         self._memory[key] = document
         body = json.dumps(document, sort_keys=True).encode()
-        self.store.write_later(key, body, {"content_type": "application/json"}).addErrback(self._not_kept, key)
-
-    @staticmethod
-    def _not_kept(failure, key):
-        if failure.check(OSError):
-            log.warn("Could not keep {key} in the cache: {why}", key=key, why=failure.value.strerror)
-        else:
-            log.failure("Could not keep {key} in the cache", failure, key=key)
+        self.store.write_later(key, body, {"content_type": "application/json"})
 
     # -- branches and tags ------------------------------------------------------------
 
