@@ -139,7 +139,7 @@ async def test_oci_a_digest_listed_in_a_foreign_manifest_does_not_open_a_cached_
                        oci("hub", "docker.io", hub.url, default=True)])
 
     # a legitimate pull of the private image through the vault
-    for path in (f"/v2/corp.example/acme/private/manifests/1.0", f"/v2/corp.example/acme/private/blobs/{secret.digest}"):
+    for path in ("/v2/corp.example/acme/private/manifests/1.0", f"/v2/corp.example/acme/private/blobs/{secret.digest}"):
         assert (await raw_get(v.url, path, headers={"Accept": ALL_MANIFESTS}))[0] == 200, path
     assert v.store.lookup(blob_key(secret.digest)) is not None
 
@@ -371,7 +371,7 @@ async def test_held_apt_proxy_mode_reaches_only_the_configured_base(vault_factor
         f"http://{other}/debian/dists/stable/InRelease", f"http://{other}/etc/passwd",
         f"http://{host}:{int(port) + 1}/debian/dists/stable/InRelease",
         f"https://{up}/debian/dists/stable/InRelease", f"ftp://{up}/debian/dists/stable/InRelease",
-        f"file:///etc/passwd", f"gopher://{up}/debian/x", f"http://{up}@{other}/debian/dists/stable/InRelease",
+        "file:///etc/passwd", f"gopher://{up}/debian/x", f"http://{up}@{other}/debian/dists/stable/InRelease",
         f"http://{other}#@{up}/debian/dists/stable/InRelease", f"http://{other}\\@{up}/debian/dists/stable/InRelease",
         f"http://[::ffff:{host}]:{port}/debian/dists/stable/InRelease", f"http://[::1]:{port}/debian/x/InRelease",
         f"http://2130706433:{port}/debian/dists/stable/InRelease", f"http://127.1:{port}/debian/dists/stable/InRelease",
@@ -529,7 +529,7 @@ async def test_held_oci_tags_registries_and_accept(vault_factory, registries):
     hub = registries(images=False)
     multi = hub.put("library/multi", index([image({"a": "amd64\n"}), image({"a": "arm64\n"}, architecture="arm64")]),
                     "1.0")
-    small = hub.put("library/small", image({"a": "small\n"}), "1.0")
+    hub.put("library/small", image({"a": "small\n"}), "1.0")
     v = vault_factory([oci("corp", "corp.example", corp.url, username=USER, password=PASSWORD),
                        oci("hub", "docker.io", hub.url, default=True)])
     private = corp.manifest("acme/private", "1.0")
