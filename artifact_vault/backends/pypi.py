@@ -139,7 +139,10 @@ class PyPIBackend(Backend):
             if len(params) != 1 or params[0][0] != "format":
                 raise BadRequest("index pages take only the query format=<media type>")
             # a "+" left unencoded decodes to a space, which no media type holds
-            accept = params[0][1].replace(" ", "+").encode("latin-1")
+            value = params[0][1].replace(" ", "+")
+            if not value.isascii() or not value.isprintable():
+                raise BadRequest("format= takes a media type (printable ASCII)")
+            accept = value.encode("ascii")
         form = pages.choose_form(accept.decode("latin-1") if accept is not None else None)
         if form is None:
             raise VaultError(f"none of the forms offered is acceptable: {', '.join(pages.FORMS)}", 406,
@@ -314,6 +317,8 @@ class PyPIBackend(Backend):
         else:
             url, sha256, size = record["url"], record["hashes"].get("sha256"), record["size"]
         meta = self.file_meta(ident, filename)
+        if request.disconnected:
+            return None  # the client left while the page was fetched: nothing to answer, nothing to start
         if request.method == b"HEAD" and self.downloads.get(key) is None:
             if size is None:
                 return (yield self.relay(request, "HEAD", url, relayed=HEAD_HEADERS))
