@@ -158,12 +158,9 @@ class AptBackend(Backend):
         names = list(folder) + [file_name]
         usable = kept if kept is not None and kept.status == 200 else None
         timeout = self.offline_timeout if usable is not None else self.config.timeout
-        response = yield self.request_upstream("GET", self.url(names), usable.validators if usable else {},
-                                               timeout=timeout)
+        response, body = yield self.read_whole(self.url(names), usable.validators if usable else {}, timeout)
         if response.code == 304 and usable is not None:
-            response.deliverBody(Discard())
             return NOT_MODIFIED
-        body = yield read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor)
         answer = Answer(response.code, relay_headers(response, KEPT_HEADERS + ("retry-after",)), body)
         if response.code != 200 or (usable is not None and usable.body == body):
             return answer
@@ -176,6 +173,25 @@ class AptBackend(Backend):
         if file_name == "Release":
             yield self.fetch_signature(folder, body)
         return answer
+
+    def read_whole(self, url: str, headers: dict, timeout: float):
+        """
+        GET `url` and read its answer whole (a Release file: at most
+        `RELEASE_LIMIT` bytes): fires with (response, body), b"" for a 304.
+        One of the backend's ``buffered_slots`` is held while it is read, so
+        what clients can make the vault hold at once is bounded.
+        """
+        def ask():
+            def got(response):
+                if response.code == 304:
+                    response.deliverBody(Discard())
+                    return response, b""
+                return read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor).addCallback(
+                    lambda body: (response, body))
+
+            return self.request_upstream("GET", url, headers, timeout=timeout).addCallback(got)
+
+        return self.buffered_slots.run(ask)
 
     def is_anchor(self, folder: tuple, file_name: str) -> bool:
         """Does this Release file define the suite's indexes (InRelease, or Release where there is none)?"""
@@ -267,8 +283,7 @@ class AptBackend(Backend):
 
     @inlineCallbacks
     def ask_signature(self, folder: tuple, signs: str | None, timeout: float):
-        response = yield self.request_upstream("GET", self.url(list(folder) + ["Release.gpg"]), {}, timeout=timeout)
-        body = yield read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor)
+        response, body = yield self.read_whole(self.url(list(folder) + ["Release.gpg"]), {}, timeout)
         headers = relay_headers(response, KEPT_HEADERS + ("retry-after",))
         if signs is not None:
             headers[SIGNS] = signs
