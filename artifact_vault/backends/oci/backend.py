@@ -57,8 +57,10 @@ log = VaultLogger()
 #: the folder (a key prefix that no backend name can take) of the blobs every oci backend shares
 BLOBS = "_oci/blobs/sha256"
 ERROR_BODY_LIMIT = 64 * 1024
-#: continuation pages of tags/list handed out (only those are kept: a client cannot make up pages)
+#: continuation pages of tags/list handed out by kept pages (only those are kept: a client cannot make up pages)
 PAGES_KEPT = 4096
+#: pages of one repository's tag list kept, the first one included (the rest are relayed only)
+PAGES_PER_LIST = 64
 #: manifests fetched lately, served by digest while their store entry is being written
 RECENT_MANIFESTS = 256
 RECENT_BODY_LIMIT = 256 * 1024
@@ -364,14 +366,17 @@ class OciBackend(Backend):
         if last is not None and not TAG.match(last):
             raise RegistryError("TAG_INVALID", "last must be a tag", 400)
         query = urlencode([(k, v) for k, v in (("n", n), ("last", last)) if v is not None])
-        # kept: the first page, and the pages whose links the vault handed out (made-up ones are only relayed)
-        keepable = (n is None and last is None) or (name, n, last) in self._next_pages
+        # kept: the first page, and the pages a client reaches from it by following the links the vault
+        # handed out for kept pages -- the walk a client makes, upstream's page size, a bounded number of
+        # pages.  A page of a size or start a client chose is relayed, and so is every page it links to.
+        page = 0 if n is None and last is None else self._next_pages.get((name, n, last))
+        keepable = page is not None
         key = f"{self.name}/r/{name}/_tags-list/{hashlib.sha256(query.encode()).hexdigest()[:32]}"
         url = self.url(name, "tags", "list") + (f"?{query}" if query else "")
         answer = yield self.kept_listing(request, key, name, url, keepable, f"{self.registry}/{name} tags")
         link = self._link(request, name, "tags/list", answer.headers.get("link"), ("n", "last"))
-        if link is not None:
-            self._next_pages[(name, link[1].get("n"), link[1].get("last"))] = True
+        if link is not None and keepable and page + 1 < PAGES_PER_LIST:
+            self._next_pages[(name, link[1].get("n"), link[1].get("last"))] = page + 1
         send_small(request, b"application/json", answer.body, 200,
                    {"Link": link[0]} if link is not None else None)
 
