@@ -40,7 +40,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from twisted.internet.defer import inlineCallbacks
 
 from ...bounded import LRU
-from ...errors import UpstreamStatus, UpstreamUnavailable, VaultError
+from ...downloads import RemoteDownload
+from ...errors import UpstreamStatus, UpstreamUnavailable, VaultError, safe_url
 from ...fetch import Discard, read_body
 from ...freshness import NOT_MODIFIED, Answer, Coalescer, is_offline_error
 from ...logs import VaultLogger
@@ -222,18 +223,24 @@ class OciBackend(Backend):
 
     @inlineCallbacks
     def manifest_by_digest(self, request, name: str, digest: str):
-        """(bytes, media type) of the manifest `digest` of `name`: from the cache once shown, else upstream."""
-        shown = yield self.shown.has(name, digest)
+        """
+        (bytes, media type) of the manifest `digest` of `name`: from the
+        cache when `name`'s upstream serves it (it was fetched there, or that
+        upstream confirmed it), else from upstream.
+        """
+        shown = yield self.shown.known(name)
         recent = self._recent.get(digest)
         entry = self.store.lookup(blob_key(digest)) if recent is None else None
         if entry is not None and not entry.meta.get("manifest"):
             entry = None  # stored as a blob (someone asked /blobs/ for it): not known to be a manifest
         if recent is not None or entry is not None:
-            if not shown:
+            source = recent[2] if recent is not None else entry.meta.get("upstream_url")
+            if not shown.is_confirmed(digest) and source != safe_url(self.url(name, "manifests", digest)):
+                # fetched for another repository (or registry): only if this one's upstream has it too
                 yield self.confirm(name, "manifests", digest)
             request.set_outcome("hit")
             if recent is not None:
-                return recent
+                return recent[:2]
             if entry.size > MANIFEST_LIMIT:
                 raise RegistryError("MANIFEST_UNKNOWN", f"{digest} is not a manifest", 404)
             with open(entry.path, "rb") as f:
@@ -269,15 +276,21 @@ class OciBackend(Backend):
         return body, media
 
     def remember_manifest(self, name: str, digest: str, media: str, body: bytes) -> None:
-        """Keep a manifest's bytes by digest (once for every registry), and note what it shows for `name`."""
+        """
+        Keep a manifest that `name`'s upstream served by digest (once for
+        every registry), and note what it shows for `name`: the manifest
+        itself (confirmed) and what its schema says the repository serves
+        (listed).
+        """
+        source = safe_url(self.url(name, "manifests", digest))
         if len(body) <= RECENT_BODY_LIMIT:
-            self._recent[digest] = (body, media)
+            self._recent[digest] = (body, media, source)
         entry = self.store.lookup(blob_key(digest))
         if entry is None or not entry.meta.get("manifest"):
             self.store.write_later(blob_key(digest), body,
                                    {"content_type": media, "media_type": media, "manifest": True,
-                                    "upstream_url": self.url(name, "manifests", digest)})
-        self.shown.note(name, digest, {digest: len(body), **references(body)})
+                                    "upstream_url": source})
+        self.shown.note(name, digest, listed=references(body, media), confirmed={digest: len(body)})
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -285,13 +298,15 @@ class OciBackend(Backend):
     def blob(self, request, route):
         name, digest = route.name, route.reference
         key = blob_key(digest)
+        url = self.url(name, "blobs", digest)
         label = f"{self.registry}/{name}@{digest}"
-        known = yield self.shown.known(name)
-        if digest in known:
-            size = known[digest]
-        else:
-            # stored or not: this repository's upstream must say it has the digest
+        shown = yield self.shown.known(name)
+        size, confirmed = shown.size(digest), shown.is_confirmed(digest)
+        if not confirmed and (digest not in shown or self.held_elsewhere(key, url)):
+            # Nothing this repository's upstream served names the digest, or what the vault holds of it
+            # came from elsewhere: the upstream must say it has the digest here before any byte is served.
             size = yield self.confirm(name, "blobs", digest)
+            confirmed = True
         meta = {"content_type": "application/octet-stream", "etag": f'"{digest}"', "last_modified": None,
                 "content_encoding": None, "headers": {"Docker-Content-Digest": digest}}
         entry = self.store.lookup(key)
@@ -308,12 +323,29 @@ class OciBackend(Backend):
             request.finish()
             return None
         headers, _ = yield self.auth.authorization(scope(name), self.config.timeout)
-        spec = self.download_spec(key, self.url(name, "blobs", digest), headers=headers, expected_size=size,
+        if not confirmed and self.held_elsewhere(key, url):
+            yield self.confirm(name, "blobs", digest)  # another repository's download started meanwhile
+        spec = self.download_spec(key, url, headers=headers, expected_size=size,
                                   expected_sha256=digest.split(":", 1)[1], label=label)
         try:
             return (yield self.serve_cached(request, spec, meta))
         except UpstreamStatus as e:
             raise _answer_error(Answer(e.code, e.headers, b""), "BLOB_UNKNOWN", f"blob {label}") from None
+
+    def held_elsewhere(self, key: str, url: str) -> bool:
+        """
+        Whether bytes of `key` that the vault holds, or is fetching, come from
+        another upstream URL than `url` (another repository or registry) --
+        or from one it cannot tell (another process's download): then they
+        answer `url`'s repository only once its upstream confirmed the digest.
+        """
+        entry = self.store.lookup(key)
+        if entry is not None:
+            return entry.meta.get("upstream_url") != safe_url(url)
+        running = self.downloads.get(key)
+        if running is not None:
+            return isinstance(running, RemoteDownload) or running.spec.url != url
+        return self.store.lock(key).held_elsewhere()
 
     def confirm(self, name: str, kind: str, digest: str):
         """
@@ -343,7 +375,7 @@ class OciBackend(Backend):
             if response.code == 200:
                 length = _header(response, "content-length") or ""
                 size = int(length) if length.isdigit() and len(length) < 19 else None
-            self.shown.note(name, digest, {digest: size})
+            self.shown.note(name, digest, confirmed={digest: size})
             return size
         if response.code >= 500 or response.code == 429:
             self._offline(UpstreamStatus(response.code, url, _relayed(response)))
