@@ -607,7 +607,7 @@ class _Memo:
 
     def get(self, key: str, body: bytes) -> _Parsed | None:
         parsed = self._entries.get(key)
-        if isinstance(parsed, _Parsed) and (parsed.body is body or parsed.body == body):
+        if parsed is not None and not isinstance(parsed, _BigPage) and (parsed.body is body or parsed.body == body):
             self._entries.move_to_end(key)
             return parsed
         return None
