@@ -20,6 +20,8 @@ Cache layout (below ``cache_dir/<name>/``)
     ``simple/<project>``   a project page, kept in its normal form (see `pypi_pages`)
     ``simple/_list``       the project list (no project name can hold a ``_``)
     ``files/<project>/<id>/<filename>[.metadata]``   the files, verified
+    ``rendered/<project>/<form>[.gz]``   renderings of a big page (its normal form over
+                           `BIG_PAGE`), made once per version, served like files
 
 Files
     A file URL names a file only if the last page kept for its project lists

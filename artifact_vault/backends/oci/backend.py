@@ -22,11 +22,13 @@ Blobs
     Stored once per digest for every registry (``_oci/blobs/...``), fetched
     by one download however many clients and repositories want them,
     streamed while written, verified before they are published; upstream's
-    redirects to a CDN are followed by the vault.  A stored digest answers a
-    repository only once that repository's upstream has shown it (`.shown`).
+    redirects to a CDN are followed by the vault.  Stored bytes (or a
+    download in flight) answer a repository only when they came from it or
+    its upstream served or confirmed the digest there; a digest a manifest
+    of the repository merely lists is confirmed with a HEAD first (`.shown`).
 tags/list and referrers
     Relayed and kept like tags (for offline use), ``Link`` rewritten to the
-    vault.
+    vault; of a tag list, only the pages a client walks from the first.
 
 Errors are the registry's JSON errors: upstream's own for its 4xx, 429 with
 its Retry-After when nothing is kept, 502/504 when it cannot be reached.
