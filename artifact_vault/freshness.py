@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.python.failure import Failure
 
-from .bounded import LRU
+from .bounded import LRU, SizedLRU
 from .errors import UpstreamStatus, UpstreamTimeout, UpstreamUnavailable, VaultError
 from .logs import VaultLogger
 
@@ -141,6 +141,18 @@ class Answer:
 NOT_MODIFIED = object()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A kept answer as it is on disk, without its body (`KeptAnswers.stored`)."""
+
+    checked_at: float
+    sha256: str
+    size: int
+
+    def age(self, now: float) -> float:
+        return now - self.checked_at
+
+
 class KeptAnswers:
     """
     Small mutable upstream answers (an index page, a tag, a branch's commit,
@@ -149,19 +161,28 @@ class KeptAnswers:
     `NOT_MODIFIED`), served stale, with a log line, when upstream fails (up
     to ``max_stale`` seconds), identical concurrent requests sharing one
     upstream call.  Kept on disk as store entries (so they survive a
-    restart) and in a bounded memory map.
+    restart) and, the recently used ones, in memory: at most `MEMORY`
+    answers and `memory_bytes` bytes of them (a backend whose clients can
+    make it keep thousands of large answers holds no more than that).
     """
 
     MEMORY = 20_000
+    #: bytes of answers held in memory, per instance (so per backend), unless the backend says otherwise
+    MEMORY_BYTES = 16 * 1024 * 1024
     #: answers larger than this are read from disk each time instead of held in memory
     MEMORY_BODY_LIMIT = 256 * 1024
+    #: what an answer held in memory costs beyond its body (headers, the objects)
+    OVERHEAD = 512
 
-    def __init__(self, store, clock=time.time):
+    def __init__(self, store, clock=time.time, memory_bytes: int | None = None):
         self.store = store
         self.clock = clock
-        self._memory = LRU(self.MEMORY)
+        budget = self.MEMORY_BYTES if memory_bytes is None else memory_bytes
+        self._memory = SizedLRU(self.MEMORY, budget, lambda answer: len(answer.body) + self.OVERHEAD)
         #: when upstream last vouched for a large answer (its body stays on disk)
         self._renewed = LRU(self.MEMORY)
+        #: answers being written to disk (their bytes are held by the write until it lands anyway)
+        self._writing: dict = {}
         self._asking = Coalescer()
 
     def peek(self, key: str) -> Answer | None:
@@ -169,6 +190,9 @@ class KeptAnswers:
         answer = self._memory.get(key)
         if answer is not None:
             return answer
+        writing = self._writing.get(key)
+        if writing is not None:
+            return replace(writing, checked_at=max(writing.checked_at, self._renewed.get(key, 0.0)))
         entry = self.store.lookup(key)
         if entry is None:
             return None
@@ -186,6 +210,26 @@ class KeptAnswers:
         self._remember(key, answer)
         return answer
 
+    def stored(self, key: str) -> Stored | None:
+        """
+        What is kept on disk for `key` -- when upstream last vouched for it,
+        its sha256 and size -- without reading its body; None while nothing
+        is (or a newer answer is still being written).  For answers too
+        large to hold in memory, which a caller serves from something it
+        derived from them and keeps on disk as well.
+        """
+        if key in self._writing:
+            return None
+        entry = self.store.lookup(key)
+        kept = entry.meta.get("answer") if entry is not None else None
+        if not isinstance(kept, dict) or not isinstance(entry.meta.get("sha256"), str):
+            return None
+        checked_at = float(kept.get("checked_at") or entry.meta.get("fetched_at") or 0)
+        held = self._memory.get(key)
+        if held is not None:
+            checked_at = max(checked_at, held.checked_at)
+        return Stored(max(checked_at, self._renewed.get(key, 0.0)), entry.meta["sha256"], entry.size)
+
     def fresh(self, key: str, ttl: float) -> Answer | None:
         """
         The kept answer for `key` if upstream vouched for it less than `ttl`
@@ -198,19 +242,27 @@ class KeptAnswers:
         return None
 
     def _remember(self, key: str, answer: Answer) -> None:
+        # when upstream last vouched for it, also for an answer that memory does not hold (or lets go of)
+        self._renewed[key] = answer.checked_at
         if len(answer.body) <= self.MEMORY_BODY_LIMIT:
-            self._memory[key] = answer
+            self._memory[key] = answer  # a SizedLRU: the least recently used give way
         else:
             self._memory.pop(key, None)
-            self._renewed[key] = answer.checked_at
 
     def keep(self, key: str, answer: Answer) -> Deferred:
         """Keep `answer` for `key`: in memory at once, on disk in a thread (a failure there is logged)."""
         answer = replace(answer, source="kept")
         self._remember(key, answer)
+        self._writing[key] = answer
         meta = {"content_type": answer.headers.get("content-type") or "application/octet-stream",
                 "answer": {"status": answer.status, "headers": answer.headers, "checked_at": answer.checked_at}}
-        return self.store.write_later(key, answer.body, meta)
+
+        def written(result):
+            if self._writing.get(key) is answer:
+                del self._writing[key]
+            return result
+
+        return self.store.write_later(key, answer.body, meta).addBoth(written)
 
     def renew(self, key: str, checked_at: float) -> None:
         """Upstream vouched again for the kept answer (in memory only: disk keeps the first time)."""
@@ -221,6 +273,7 @@ class KeptAnswers:
     def forget(self, key: str) -> None:
         self._memory.pop(key, None)
         self._renewed.pop(key, None)
+        self._writing.pop(key, None)
         self.store.remove(key)
 
     @inlineCallbacks

@@ -77,6 +77,8 @@ class Backend(Resource):
 
     isLeaf = True
     methods = ("GET", "HEAD")
+    #: bytes of kept answers held in memory (None: `KeptAnswers.MEMORY_BYTES`)
+    kept_memory_bytes: int | None = None
 
     def __init__(self, config: BackendConfig, machinery):
         super().__init__()
@@ -93,7 +95,7 @@ class Backend(Resource):
         #: whether upstream answers at all (see freshness.UpstreamHealth)
         self.health = UpstreamHealth(self.name)
         #: small mutable answers of this backend (index pages, tags, API answers)
-        self.kept = KeptAnswers(self.store)
+        self.kept = KeptAnswers(self.store, memory_bytes=self.kept_memory_bytes)
         #: mutable files of any size, kept on disk with their validators
         self.kept_files = KeptFiles(self.store, self.downloads, machinery.reactor)
         #: downloads this backend runs at once; more wait for a slot

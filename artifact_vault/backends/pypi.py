@@ -20,6 +20,8 @@ Cache layout (below ``cache_dir/<name>/``)
     ``simple/<project>``   a project page, kept in its normal form (see `pypi_pages`)
     ``simple/_list``       the project list (no project name can hold a ``_``)
     ``files/<project>/<id>/<filename>[.metadata]``   the files, verified
+    ``rendered/<project>/<form>[.gz]``   renderings of a big page (its normal form over
+                           `BIG_PAGE`), made once per version, served like files
 
 Files
     A file URL names a file only if the last page kept for its project lists
@@ -47,15 +49,16 @@ import json
 from collections import OrderedDict
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThread
 
+from ..bounded import LRU
 from ..errors import BadRequest, NotFound, UpstreamStatus, UpstreamUnavailable, VaultError
 from ..fetch import Discard, error_headers, read_body, within
-from ..freshness import NOT_MODIFIED, Answer
+from ..freshness import NOT_MODIFIED, Answer, Coalescer
 from ..logs import VaultLogger
-from ..serve import send_small
-from ..store import UnsafePath, safe_segments
+from ..serve import StoredBody, send_small, serve
+from ..store import Entry, UnsafePath, safe_segments
 from . import pypi_pages as pages
 from .base import Backend
 
@@ -65,8 +68,20 @@ log = VaultLogger()
 PAGE_LIMIT = 64 * 1024 * 1024
 #: pages and renderings larger than this are parsed, rendered and gzipped in a thread
 THREAD_ABOVE = 1024 * 1024
-#: bytes of parsed pages and their renderings held in memory (least recently used go first)
+#: bytes of page data a backend holds in memory: kept pages (their normal forms, `KEPT_MEMORY` of
+#: them) and parsed pages with their renderings (the rest); the least recently used go first
 MEMO_BUDGET = 48 * 1024 * 1024
+KEPT_MEMORY = 8 * 1024 * 1024
+#: a page whose normal form is larger is big: parsed, it would take more than a quarter of the parsed
+#: pages' budget.  Its renderings are kept on disk instead (made once per version and form), and only a
+#: compact list of its files is held in memory.
+BIG_PAGE = (MEMO_BUDGET - KEPT_MEMORY) // 16
+#: big pages parsed or rendered at once per backend (each holds its objects, several times its size)
+BIG_AT_ONCE = 1
+#: big pages whose current version is remembered (key -> sha256 of its normal form)
+BIG_PAGES_KNOWN = 1024
+#: a rendering's file name per form (below ``rendered/<project>/``)
+RENDERING_NAMES = {pages.TEXT_HTML: "html", pages.HTML_V1: "v1-html", pages.JSON_V1: "v1-json"}
 GZIP_ABOVE = 1024
 LIST_KEY = "_list"
 HEAD_HEADERS = ("content-type", "etag", "last-modified", "accept-ranges")
@@ -76,11 +91,18 @@ VARY = "Accept, Accept-Encoding"
 
 
 class PyPIBackend(Backend):
+    kept_memory_bytes = KEPT_MEMORY
+
     def __init__(self, config, machinery):
         super().__init__(config, machinery)
         self.index_ttl = float(config.options.get("index_ttl", 600))
         self.offline_timeout = float(config.options.get("offline_timeout", 4))
-        self.memo = _Memo(MEMO_BUDGET)
+        self.memo = _Memo(MEMO_BUDGET - KEPT_MEMORY)
+        #: big pages parsed or rendered now (the CPU and memory they take, whoever asks)
+        self.big_slots = DeferredSemaphore(BIG_AT_ONCE)
+        #: page key -> sha256 of the normal form of a big page (its renderings are on disk)
+        self._big_pages = LRU(BIG_PAGES_KNOWN)
+        self._rendering = Coalescer()
 
     # -- routing -------------------------------------------------------------------
 
@@ -139,7 +161,10 @@ class PyPIBackend(Backend):
             if len(params) != 1 or params[0][0] != "format":
                 raise BadRequest("index pages take only the query format=<media type>")
             # a "+" left unencoded decodes to a space, which no media type holds
-            accept = params[0][1].replace(" ", "+").encode("latin-1")
+            value = params[0][1].replace(" ", "+")
+            if not value.isascii() or not value.isprintable():
+                raise BadRequest("format= takes a media type (printable ASCII)")
+            accept = value.encode("ascii")
         form = pages.choose_form(accept.decode("latin-1") if accept is not None else None)
         if form is None:
             raise VaultError(f"none of the forms offered is acceptable: {', '.join(pages.FORMS)}", 406,
@@ -161,6 +186,15 @@ class PyPIBackend(Backend):
         return self._serve_page(request, self.page_key(LIST_KEY), None, form)
 
     def _serve_page(self, request, key: str, project: str | None, form: str):
+        big = self._big_pages.get(key)
+        if big is not None and not self.health.is_down():
+            # a big page: its rendering is on disk, the normal form need not even be read
+            stored = self.kept.stored(key)
+            if stored is not None and stored.sha256 == big and stored.age(self.kept.clock()) < self.index_ttl:
+                entry = self.rendering(project, form, self._gzip(request), big)
+                if entry is not None:
+                    request.set_outcome("hit")
+                    return self._send_rendering(request, entry)
         fresh = self.kept.fresh(key, self.index_ttl)
         if fresh is not None and not self.health.is_down():
             parsed = self.memo.get(key, fresh.body)
@@ -174,9 +208,21 @@ class PyPIBackend(Backend):
     def _serve_page_slowly(self, request, key, project, form, fresh):
         answer = fresh or (yield self.kept_page(key, project))
         request.set_outcome({"upstream": "miss", "stale": "stale"}.get(answer.source, "hit"))
-        parsed = yield self.memo.parsed(key, answer.body)
         gz = self._gzip(request)
-        if project is not None and (answer.source == "stale" or self.health.is_down()):
+        offline = project is not None and (answer.source == "stale" or self.health.is_down())
+        big = len(answer.body) > BIG_PAGE
+        if big and not offline:
+            made = yield self._big_rendering(key, project, answer.body, form, gz)
+            if request.disconnected:
+                return None
+            if isinstance(made, Entry):
+                return (yield self._send_rendering(request, made))
+            return self._send_page(request, form, *made)
+        if big:  # parsed for this answer only: kept, it would push every other parsed page out
+            parsed = yield self.big_slots.run(deferToThread, _Parsed, answer.body)
+        else:
+            parsed = yield self.memo.parsed(key, answer.body)
+        if offline:
             # upstream cannot answer: no .metadata companion that the cache cannot serve
             cached = {f["id"] for f in parsed.document["files"]
                       if f["core-metadata"] and self.store.lookup(self.file_key(project, f, True)) is not None}
@@ -200,6 +246,62 @@ class PyPIBackend(Backend):
                 q = params.strip().lower()
                 return not (q.startswith("q=") and q[2:].strip() in ("0", "0.0", "0.00", "0.000"))
         return False
+
+    # -- big pages: renderings on disk ----------------------------------------------------
+
+    def rendering_key(self, project: str | None, form: str, gz: bool) -> str:
+        # "rendered" is neither "simple" nor "files"; no project name holds a "_"
+        return f"{self.name}/rendered/{project or LIST_KEY}/{RENDERING_NAMES[form]}{'.gz' if gz else ''}"
+
+    def rendering(self, project: str | None, form: str, gz: bool, source: str) -> Entry | None:
+        """The stored rendering of a big page in `form`, if it was made from the normal form `source` (a sha256)."""
+        entry = self.store.lookup(self.rendering_key(project, form, gz))
+        return entry if entry is not None and entry.meta.get("source") == source else None
+
+    def _send_rendering(self, request, entry: Entry):
+        self.store.touch(entry)
+        meta = {"content_type": entry.meta.get("content_type"), "etag": entry.meta.get("etag"),
+                "content_encoding": entry.meta.get("content_encoding"),
+                "headers": {"Vary": VARY, "Cache-Control": PAGE_CACHE_CONTROL}}
+        return serve(request, StoredBody(entry), meta)
+
+    @inlineCallbacks
+    def _big_rendering(self, key, project, body: bytes, form: str, gz: bool):
+        """
+        A big page in `form`: its rendering's entry, made (parsed, rendered and
+        gzipped in a thread, one big page at a time) once per version of the
+        page and form; (body, ETag, gzipped) when it could not be stored.
+        """
+        source = yield deferToThread(_sha256, body)
+        self._big_pages[key] = source
+        entry = self.rendering(project, form, gz, source)
+        if entry is not None:
+            return entry
+        made = yield self._rendering.share((key, source, form),
+                                           lambda: self._make_renderings(key, project, body, source, form))
+        return made[gz]
+
+    @inlineCallbacks
+    def _make_renderings(self, key, project, body: bytes, source: str, form: str):
+        identity, gzipped, files = yield self.big_slots.run(deferToThread, _render_big, body, form)
+        if files is not None:
+            self.memo.keep_big(key, _BigPage(source, files))
+        writes = []
+        for gz, (rendered, etag, encoded) in ((False, identity), (True, gzipped)):
+            meta = {"content_type": pages.CONTENT_TYPES[form], "etag": etag,
+                    "content_encoding": "gzip" if encoded else None, "source": source}
+            writes.append(self.store.write_later(self.rendering_key(project, form, gz), rendered, meta))
+        written = yield DeferredList(writes)
+        made = {}
+        for gz, rendered, (ok, entry) in zip((False, True), (identity, gzipped), written):
+            made[gz] = entry if ok and entry is not None else rendered
+        return made
+
+    def _forget_renderings(self, key: str, project: str | None) -> None:
+        self._big_pages.pop(key, None)
+        for form in pages.FORMS:
+            for gz in (False, True):
+                self.store.remove(self.rendering_key(project, form, gz))
 
     @staticmethod
     def _send_page(request, form: str, body: bytes, etag: str, gzipped: bool):
@@ -227,7 +329,8 @@ class PyPIBackend(Backend):
         def ask(kept):
             fallback = kept is not None or self.health.is_down()
             timeout = self.offline_timeout if fallback else self.config.timeout
-            d = self._ask_page(url, kept, project, timeout)
+            # read whole and parsed: one of the backend's few answers held in memory at once
+            d = self.buffered_slots.run(self._ask_page, url, kept, project, timeout)
             # a silent upstream must not hold back the page we could answer with
             return within(d, timeout, self.machinery.reactor, f"upstream page {url}") if fallback else d
 
@@ -237,6 +340,7 @@ class PyPIBackend(Backend):
             if self.kept.peek(key) is not None:
                 log.info("Upstream no longer knows {project}; forgetting its page", project=project)
                 self.kept.forget(key)
+                self._forget_renderings(key, project)
             raise NotFound(f"upstream has no project {project}" if project else "upstream has no project list")
         if answer.status != 200:
             raise UpstreamStatus(answer.status, url, answer.headers)
@@ -298,10 +402,7 @@ class PyPIBackend(Backend):
     def _serve_file_miss(self, request, project, ident, filename, key, label):
         wants_metadata = filename.endswith(pages.METADATA_SUFFIX)
         dist = filename[: -len(pages.METADATA_SUFFIX)] if wants_metadata else filename
-        page_key = self.page_key(project)
-        answer = self.kept.peek(page_key) or (yield self.kept_page(page_key, project))
-        parsed = yield self.memo.parsed(page_key, answer.body)
-        record = parsed.file(ident, dist)
+        record = yield self.file_record(project, ident, dist)
         if record is None:
             raise NotFound(f"{dist} ({ident}) is not on the index page of {project}")
         if wants_metadata:
@@ -314,6 +415,8 @@ class PyPIBackend(Backend):
         else:
             url, sha256, size = record["url"], record["hashes"].get("sha256"), record["size"]
         meta = self.file_meta(ident, filename)
+        if request.disconnected:
+            return None  # the client left while the page was fetched: nothing to answer, nothing to start
         if request.method == b"HEAD" and self.downloads.get(key) is None:
             if size is None:
                 return (yield self.relay(request, "HEAD", url, relayed=HEAD_HEADERS))
@@ -328,6 +431,31 @@ class PyPIBackend(Backend):
             return None
         spec = self.download_spec(key, url, expected_size=size, expected_sha256=sha256, label=label)
         return (yield self.serve_cached(request, spec, meta))
+
+    @inlineCallbacks
+    def file_record(self, project: str, ident: str, filename: str):
+        """The record of a file on the page kept for `project` (fetched if none is), or None."""
+        page_key = self.page_key(project)
+        source = self._big_pages.get(page_key)
+        big = self.memo.big(page_key, source) if source is not None else None
+        if big is not None:
+            stored = self.kept.stored(page_key)
+            if stored is not None and stored.sha256 == source:
+                if (ident, filename) not in big.files:
+                    return None  # made up: answered without reading the page
+                record = big.records.get((ident, filename))
+                if record is not None:
+                    return record
+        answer = self.kept.peek(page_key) or (yield self.kept_page(page_key, project))
+        if len(answer.body) <= BIG_PAGE:
+            parsed = yield self.memo.parsed(page_key, answer.body)
+            return parsed.file(ident, filename)
+        source, files, record = yield self.big_slots.run(deferToThread, _big_page_file, answer.body, ident, filename)
+        self._big_pages[page_key] = source
+        big = self.memo.big(page_key, source) or self.memo.keep_big(page_key, _BigPage(source, files))
+        if record is not None:
+            big.records[(ident, filename)] = record
+        return record
 
 
 def metadata_url(url: str) -> str:
@@ -348,6 +476,24 @@ def _maybe_thread(size: int, fn, *args) -> Deferred:
     return maybeDeferred(fn, *args)
 
 
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _render_big(body: bytes, form: str) -> tuple:
+    """(identity, gzip) renderings of a big page in `form` and its `_FileKeys` (None for the list); blocking."""
+    parsed = _Parsed(body)
+    rendered = (pages.render_list if parsed.is_list else pages.render_project)(parsed.document, form)
+    files = None if parsed.is_list else _FileKeys(parsed.document["files"])
+    return _encoded(rendered, False), _encoded(rendered, True), files
+
+
+def _big_page_file(body: bytes, ident: str, filename: str) -> tuple:
+    """(sha256, `_FileKeys`, the record of one file or None) of a big project page; blocking."""
+    parsed = _Parsed(body)
+    return _sha256(body), _FileKeys(parsed.document["files"]), parsed.file(ident, filename)
+
+
 def _encoded(body: bytes, gz: bool) -> tuple:
     """(body, ETag, gzipped) of a rendering, gzipped when asked and worth it."""
     etag = hashlib.sha256(body).hexdigest()[:32]
@@ -366,6 +512,8 @@ class _Parsed:
         #: (form, gzip) -> (body, ETag, gzipped)
         self.renderings: dict = {}
         self.cost = 4 * len(body)  # parsed objects weigh more than their text
+        #: whether a `_Memo` holds it (and counts what its renderings add)
+        self.held = False
         self._files = None
 
     def file(self, ident: str, filename: str) -> dict | None:
@@ -395,17 +543,63 @@ class _Parsed:
                 if key not in self.renderings:
                     self.renderings[key] = value
                     self.cost += len(value[0])
-                    memo.grew(len(value[0]))
+                    if self.held:
+                        memo.grew(len(value[0]))
             return wanted
 
         return _maybe_thread(len(self.body), make).addCallback(made)
 
 
+class _FileKeys:
+    """
+    Which (id, file name) pairs a big page lists, in 8 bytes per file (a
+    hash of each pair, sorted, searched by bisection): enough to answer a
+    made-up file URL without reading the page.
+    """
+
+    def __init__(self, files):
+        keys = sorted({self.key(f["id"], f["filename"]) for f in files})
+        self._data = b"".join(keys)
+        self._count = len(keys)
+        self.cost = len(self._data) + 64
+
+    @staticmethod
+    def key(ident: str, filename: str) -> bytes:
+        return hashlib.blake2b(f"{ident}/{filename}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+    def __contains__(self, pair) -> bool:
+        key = self.key(*pair)
+        lo, hi = 0, self._count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._data[mid * 8:mid * 8 + 8] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < self._count and self._data[lo * 8:lo * 8 + 8] == key
+
+
+class _BigPage:
+    """What memory holds of a big project page: its files' keys, and the records of a few files lately asked for."""
+
+    RECORDS = 16
+    #: a record's upper bound in memory (its URL is at most 8000 characters)
+    RECORD_COST = 10 * 1024
+
+    def __init__(self, source: str, files: _FileKeys):
+        self.source = source
+        self.files = files
+        self.records = LRU(self.RECORDS)
+        self.cost = files.cost + self.RECORDS * self.RECORD_COST
+
+
 class _Memo:
     """
     key -> `_Parsed`, for the kept body it was parsed from (the same bytes:
-    a new answer from upstream is a new body), the least recently used
-    forgotten beyond a budget of bytes.
+    a new answer from upstream is a new body), or `_BigPage` for the
+    version of a big page (by its sha256), the least recently used
+    forgotten beyond a budget of bytes.  A parsed page that would cost more
+    than a quarter of the budget is not kept (it would push out every other).
     """
 
     def __init__(self, budget: int):
@@ -415,9 +609,16 @@ class _Memo:
 
     def get(self, key: str, body: bytes) -> _Parsed | None:
         parsed = self._entries.get(key)
-        if parsed is not None and (parsed.body is body or parsed.body == body):
+        if parsed is not None and not isinstance(parsed, _BigPage) and (parsed.body is body or parsed.body == body):
             self._entries.move_to_end(key)
             return parsed
+        return None
+
+    def big(self, key: str, source: str) -> _BigPage | None:
+        big = self._entries.get(key)
+        if isinstance(big, _BigPage) and big.source == source:
+            self._entries.move_to_end(key)
+            return big
         return None
 
     def parsed(self, key: str, body: bytes) -> Deferred:
@@ -427,20 +628,31 @@ class _Memo:
             return succeed(found)
 
         def keep(parsed):
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.total -= old.cost
-            self._entries[key] = parsed
-            self.grew(parsed.cost)
+            if parsed.cost <= self.budget // 4:
+                self._keep(key, parsed)
             return parsed
 
         return _maybe_thread(len(body), _Parsed, body).addCallback(keep)
+
+    def keep_big(self, key: str, big: _BigPage) -> _BigPage:
+        self._keep(key, big)
+        return big
+
+    def _keep(self, key: str, value) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.total -= old.cost
+            old.held = False
+        self._entries[key] = value
+        value.held = True
+        self.grew(value.cost)
 
     def grew(self, size: int) -> None:
         self.total += size
         while self.total > self.budget and self._entries:
             _key, oldest = self._entries.popitem(last=False)
             self.total -= oldest.cost
+            oldest.held = False
 
     def __len__(self):
         return len(self._entries)

@@ -56,7 +56,7 @@ from ...logs import VaultLogger
 from ...serve import BytesBody, serve
 from ..base import Backend, relay_headers
 from . import archive
-from .packages import READABLE, FileTables
+from .packages import READABLE, PoolFiles
 
 log = VaultLogger()
 
@@ -68,6 +68,9 @@ RELEASES = 64
 MEMO_BODY = 256 * 1024
 #: per client connection: the suites whose Release it was given
 GIVEN_PER_CONNECTION = 32
+#: seconds after which the indexes a pool file is checked against are looked for again in the cache, when
+#: some that a served Release lists were not there (fetched since, or by another process)
+INDEXES_RECHECK = 5.0
 #: headers of a Release answer kept with it and relayed
 KEPT_HEADERS = ("content-type", "etag", "last-modified")
 #: the kept Release.gpg names the sha256 of the Release it was fetched with
@@ -87,7 +90,10 @@ class AptBackend(Backend):
         self._parsed = LRU(RELEASES * 2)
         #: client connection -> LRU(folder -> the Release that connection was given)
         self._given = WeakKeyDictionary()
-        self.tables = FileTables()
+        #: what pool files must be, as the Packages/Sources indexes of the served Releases say
+        self.pool_files = PoolFiles()
+        #: (signature of the served Releases, when computed, whether some index was missing, the indexes)
+        self._pool_indexes = None
 
     def proxy_bases(self) -> tuple:
         return (self.config.base_url,)
@@ -158,12 +164,9 @@ class AptBackend(Backend):
         names = list(folder) + [file_name]
         usable = kept if kept is not None and kept.status == 200 else None
         timeout = self.offline_timeout if usable is not None else self.config.timeout
-        response = yield self.request_upstream("GET", self.url(names), usable.validators if usable else {},
-                                               timeout=timeout)
+        response, body = yield self.read_whole(self.url(names), usable.validators if usable else {}, timeout)
         if response.code == 304 and usable is not None:
-            response.deliverBody(Discard())
             return NOT_MODIFIED
-        body = yield read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor)
         answer = Answer(response.code, relay_headers(response, KEPT_HEADERS + ("retry-after",)), body)
         if response.code != 200 or (usable is not None and usable.body == body):
             return answer
@@ -176,6 +179,25 @@ class AptBackend(Backend):
         if file_name == "Release":
             yield self.fetch_signature(folder, body)
         return answer
+
+    def read_whole(self, url: str, headers: dict, timeout: float):
+        """
+        GET `url` and read its answer whole (a Release file: at most
+        `RELEASE_LIMIT` bytes): fires with (response, body), b"" for a 304.
+        One of the backend's ``buffered_slots`` is held while it is read, so
+        what clients can make the vault hold at once is bounded.
+        """
+        def ask():
+            def got(response):
+                if response.code == 304:
+                    response.deliverBody(Discard())
+                    return response, b""
+                return read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor).addCallback(
+                    lambda body: (response, body))
+
+            return self.request_upstream("GET", url, headers, timeout=timeout).addCallback(got)
+
+        return self.buffered_slots.run(ask)
 
     def is_anchor(self, folder: tuple, file_name: str) -> bool:
         """Does this Release file define the suite's indexes (InRelease, or Release where there is none)?"""
@@ -267,8 +289,7 @@ class AptBackend(Backend):
 
     @inlineCallbacks
     def ask_signature(self, folder: tuple, signs: str | None, timeout: float):
-        response = yield self.request_upstream("GET", self.url(list(folder) + ["Release.gpg"]), {}, timeout=timeout)
-        body = yield read_body(response, RELEASE_LIMIT, timeout=timeout, clock=self.machinery.reactor)
+        response, body = yield self.read_whole(self.url(list(folder) + ["Release.gpg"]), {}, timeout)
         headers = relay_headers(response, KEPT_HEADERS + ("retry-after",))
         if signs is not None:
             headers[SIGNS] = signs
@@ -393,29 +414,44 @@ class AptBackend(Backend):
                                   expected_sha256=expected[1] if expected else None, label=label)
         return (yield self.serve_cached(request, spec))
 
-    @inlineCallbacks
     def expected(self, path: str):
-        """(size, sha256) of a pool file as the indexes in the cache list it, or None."""
-        for folder, release in list(self._served.items()):
+        """
+        Fires with (size, sha256) of a pool file as the Packages/Sources
+        indexes of the Releases served list it, or None.  Each index is read
+        once for as long as a served Release names it (`PoolFiles`): a path
+        that none lists costs a few bisections, whoever asks and how often.
+        """
+        indexes = [(entry, name, root) for entry, name, root, prefix in self.pool_indexes()
+                   if path.startswith(prefix)]
+        return self.pool_files.lookup(path, indexes)
+
+    def pool_indexes(self) -> list:
+        """
+        ``(entry, name, root, prefix)`` of one readable form, in the cache, of
+        every Packages and Sources index of the Releases served: found again
+        when a served Release changed, or after `INDEXES_RECHECK` seconds when
+        some were not in the cache.
+        """
+        signature = frozenset((folder, release.digest) for folder, release in self._served.items())
+        now = self.machinery.reactor.seconds()
+        memo = self._pool_indexes
+        if memo is not None and memo[0] == signature and (not memo[2] or now - memo[1] < INDEXES_RECHECK):
+            return memo[3]
+        indexes, missing = [], False
+        for folder, release in sorted(self._served.items()):
             root = archive.archive_root(folder)
             prefix = "/".join(root) + "/" if root else ""
-            if not path.startswith(prefix):
-                continue
             for group in _index_groups(release):
                 for name in group:
                     entry = self.store.lookup(self.index_key(folder, name, release.files[name].sha256))
-                    if entry is None:
-                        continue
-                    try:
-                        table = yield self.tables.table(entry, name, root)
-                    except (OSError, EOFError, ValueError) as e:  # a damaged or unreadable index
-                        log.warn("Cannot read {name} to check pool files against it: {why}", name=name, why=e)
-                        continue
-                    found = table.get(path)
-                    if found is not None:
-                        return found
-                    break  # one readable form of each index is enough
-        return None
+                    if entry is not None:
+                        indexes.append((entry, name, root, prefix))
+                        break  # one readable form of each index is enough
+                else:
+                    missing = True
+        self._pool_indexes = (signature, now, missing, indexes)
+        self.pool_files.retain({PoolFiles.key(entry, root) for entry, _, root, _ in indexes})
+        return indexes
 
 
 def _index_groups(release: archive.Release) -> list:

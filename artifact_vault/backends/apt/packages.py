@@ -5,9 +5,12 @@ What a pool file must be: its size and sha256 as the ``Packages`` and
 An index of Debian's main archive lists ~70,000 files; a dict of them would
 cost tens of MB per index.  `FileTable` keeps one 48-byte record per file
 (8 bytes of a hash of the path, the size, the sha256) in one sorted bytes
-object, searched by bisection: about 3.4 MB for such an index.  Tables are
-built in a thread (decompressing and reading the index as a stream) and a
-few are kept, per index sha256.
+object, searched by bisection: about 3.4 MB for such an index.  `PoolFiles`
+holds the tables of every index of the Releases the vault serves, each built
+once (in a thread, decompressing and reading the index as a stream) and kept
+while a served Release lists it, within a budget of bytes: a path that no
+index lists -- a made-up one -- is answered by a few bisections, never by
+reading an index again.
 """
 
 import bz2
@@ -16,16 +19,22 @@ import hashlib
 import lzma
 import struct
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from ...bounded import LRU
 from ...freshness import Coalescer
+from ...logs import VaultLogger
+
+log = VaultLogger()
 
 RECORD = struct.Struct(">8sQ32s")
 #: compressed forms of an index the table can read, best first
 READABLE = ("", ".xz", ".gz", ".bz2", ".lzma")
-TABLES = 8
+#: bytes of tables held per backend: 48 per file, ~1.4 million files (Debian's main archive: ~70,000 per
+#: Packages index); indexes beyond it are not checked against (apt checks every file's hash itself)
+TABLES_BUDGET = 64 * 1024 * 1024
+#: what reading an index can fail with (damaged, truncated, not what its name says)
+READ_ERRORS = (OSError, EOFError, ValueError, lzma.LZMAError)
 
 
 def path_key(path: str) -> bytes:
@@ -42,6 +51,11 @@ class FileTable:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def cost(self) -> int:
+        """Bytes it holds."""
+        return len(self._data) + 64
 
     def get(self, path: str):
         key = path_key(path)
@@ -126,26 +140,77 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-class FileTables:
-    """The tables of the indexes in the cache, built once per index content, a few kept."""
+class PoolFiles:
+    """
+    path -> (size, sha256) of the pool files that a set of indexes lists:
+    each index's `FileTable` built once (in a thread; identical concurrent
+    builds shared) and held while the set names it (`retain`), within
+    `budget` bytes.  An index that cannot be read, or whose table would
+    exceed the budget, is noted and not read again while it is in the set.
+    """
 
-    def __init__(self):
-        self._tables = LRU(TABLES)
+    def __init__(self, budget: int = TABLES_BUDGET):
+        self.budget = budget
+        #: bytes the tables hold
+        self.total = 0
+        #: (index sha256, root) -> FileTable
+        self._tables: dict = {}
+        #: (index sha256, root) not to read again
+        self._skipped: set = set()
         self._building = Coalescer()
 
-    def table(self, entry, name: str, root: tuple):
-        """Deferred `FileTable` of the index stored as `entry` (`name` tells its compression)."""
-        sha = entry.meta.get("sha256") or entry.path
-        key = (sha, root)
-        table = self._tables.get(key)
-        if table is not None:
-            return succeed(table)
+    def retain(self, keys: set) -> None:
+        """The set is now `keys` ((index sha256, root) pairs): let go of the tables of other indexes."""
+        for key in [k for k in self._tables if k not in keys]:
+            self.total -= self._tables.pop(key).cost
+        self._skipped &= keys
 
-        def build():
-            return deferToThread(read_table, entry.path, name, root).addCallback(remember)
+    @staticmethod
+    def key(entry, root: tuple) -> tuple:
+        return entry.meta.get("sha256") or entry.path, root
 
-        def remember(table):
-            self._tables[key] = table
-            return table
+    @inlineCallbacks
+    def lookup(self, path: str, indexes: list):
+        """
+        (size, sha256) of `path` as the first of `indexes` that lists it
+        says, or None.  `indexes` are ``(entry, name, root)``: an index's
+        store entry, its name (which tells its compression), and the
+        segments above ``dists/`` that its paths are relative to.
+        """
+        for entry, name, root in indexes:
+            key = self.key(entry, root)
+            table = self._tables.get(key)
+            if table is None:
+                if key in self._skipped:
+                    continue
+                table = yield self._building.share(key, lambda: self._build(key, entry, name, root))
+                if table is None:
+                    continue
+            found = table.get(path)
+            if found is not None:
+                return found
+        return None
 
-        return self._building.share(key, build)
+    @inlineCallbacks
+    def _build(self, key: tuple, entry, name: str, root: tuple):
+        try:
+            table = yield deferToThread(read_table, entry.path, name, root)
+        except FileNotFoundError:
+            return None  # evicted meanwhile: the next set will not name it
+        except READ_ERRORS as e:
+            log.warn("Cannot read {name} to check pool files against it: {why}", name=name, why=e)
+            self._skipped.add(key)
+            return None
+        if key in self._tables:
+            return self._tables[key]
+        if self.total + table.cost > self.budget:
+            log.warn("Not checking pool files against {name}: the {mb} MiB of pool-file tables are in use",
+                     name=name, mb=self.budget // (1024 * 1024))
+            self._skipped.add(key)
+            return None
+        self._tables[key] = table
+        self.total += table.cost
+        return table
+
+    def __len__(self) -> int:
+        return len(self._tables)

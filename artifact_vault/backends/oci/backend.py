@@ -22,11 +22,13 @@ Blobs
     Stored once per digest for every registry (``_oci/blobs/...``), fetched
     by one download however many clients and repositories want them,
     streamed while written, verified before they are published; upstream's
-    redirects to a CDN are followed by the vault.  A stored digest answers a
-    repository only once that repository's upstream has shown it (`.shown`).
+    redirects to a CDN are followed by the vault.  Stored bytes (or a
+    download in flight) answer a repository only when they came from it or
+    its upstream served or confirmed the digest there; a digest a manifest
+    of the repository merely lists is confirmed with a HEAD first (`.shown`).
 tags/list and referrers
     Relayed and kept like tags (for offline use), ``Link`` rewritten to the
-    vault.
+    vault; of a tag list, only the pages a client walks from the first.
 
 Errors are the registry's JSON errors: upstream's own for its 4xx, 429 with
 its Retry-After when nothing is kept, 502/504 when it cannot be reached.
@@ -40,7 +42,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from twisted.internet.defer import inlineCallbacks
 
 from ...bounded import LRU
-from ...errors import UpstreamStatus, UpstreamUnavailable, VaultError
+from ...downloads import RemoteDownload
+from ...errors import UpstreamStatus, UpstreamUnavailable, VaultError, safe_url
 from ...fetch import Discard, read_body
 from ...freshness import NOT_MODIFIED, Answer, Coalescer, is_offline_error
 from ...logs import VaultLogger
@@ -57,8 +60,10 @@ log = VaultLogger()
 #: the folder (a key prefix that no backend name can take) of the blobs every oci backend shares
 BLOBS = "_oci/blobs/sha256"
 ERROR_BODY_LIMIT = 64 * 1024
-#: continuation pages of tags/list handed out (only those are kept: a client cannot make up pages)
+#: continuation pages of tags/list handed out by kept pages (only those are kept: a client cannot make up pages)
 PAGES_KEPT = 4096
+#: pages of one repository's tag list kept, the first one included (the rest are relayed only)
+PAGES_PER_LIST = 64
 #: manifests fetched lately, served by digest while their store entry is being written
 RECENT_MANIFESTS = 256
 RECENT_BODY_LIMIT = 256 * 1024
@@ -220,18 +225,24 @@ class OciBackend(Backend):
 
     @inlineCallbacks
     def manifest_by_digest(self, request, name: str, digest: str):
-        """(bytes, media type) of the manifest `digest` of `name`: from the cache once shown, else upstream."""
-        shown = yield self.shown.has(name, digest)
+        """
+        (bytes, media type) of the manifest `digest` of `name`: from the
+        cache when `name`'s upstream serves it (it was fetched there, or that
+        upstream confirmed it), else from upstream.
+        """
+        shown = yield self.shown.known(name)
         recent = self._recent.get(digest)
         entry = self.store.lookup(blob_key(digest)) if recent is None else None
         if entry is not None and not entry.meta.get("manifest"):
             entry = None  # stored as a blob (someone asked /blobs/ for it): not known to be a manifest
         if recent is not None or entry is not None:
-            if not shown:
+            source = recent[2] if recent is not None else entry.meta.get("upstream_url")
+            if not shown.is_confirmed(digest) and source != safe_url(self.url(name, "manifests", digest)):
+                # fetched for another repository (or registry): only if this one's upstream has it too
                 yield self.confirm(name, "manifests", digest)
             request.set_outcome("hit")
             if recent is not None:
-                return recent
+                return recent[:2]
             if entry.size > MANIFEST_LIMIT:
                 raise RegistryError("MANIFEST_UNKNOWN", f"{digest} is not a manifest", 404)
             with open(entry.path, "rb") as f:
@@ -267,15 +278,21 @@ class OciBackend(Backend):
         return body, media
 
     def remember_manifest(self, name: str, digest: str, media: str, body: bytes) -> None:
-        """Keep a manifest's bytes by digest (once for every registry), and note what it shows for `name`."""
+        """
+        Keep a manifest that `name`'s upstream served by digest (once for
+        every registry), and note what it shows for `name`: the manifest
+        itself (confirmed) and what its schema says the repository serves
+        (listed).
+        """
+        source = safe_url(self.url(name, "manifests", digest))
         if len(body) <= RECENT_BODY_LIMIT:
-            self._recent[digest] = (body, media)
+            self._recent[digest] = (body, media, source)
         entry = self.store.lookup(blob_key(digest))
         if entry is None or not entry.meta.get("manifest"):
             self.store.write_later(blob_key(digest), body,
                                    {"content_type": media, "media_type": media, "manifest": True,
-                                    "upstream_url": self.url(name, "manifests", digest)})
-        self.shown.note(name, digest, {digest: len(body), **references(body)})
+                                    "upstream_url": source})
+        self.shown.note(name, digest, listed=references(body, media), confirmed={digest: len(body)})
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -283,13 +300,15 @@ class OciBackend(Backend):
     def blob(self, request, route):
         name, digest = route.name, route.reference
         key = blob_key(digest)
+        url = self.url(name, "blobs", digest)
         label = f"{self.registry}/{name}@{digest}"
-        known = yield self.shown.known(name)
-        if digest in known:
-            size = known[digest]
-        else:
-            # stored or not: this repository's upstream must say it has the digest
+        shown = yield self.shown.known(name)
+        size, confirmed = shown.size(digest), shown.is_confirmed(digest)
+        if not confirmed and (digest not in shown or self.held_elsewhere(key, url)):
+            # Nothing this repository's upstream served names the digest, or what the vault holds of it
+            # came from elsewhere: the upstream must say it has the digest here before any byte is served.
             size = yield self.confirm(name, "blobs", digest)
+            confirmed = True
         meta = {"content_type": "application/octet-stream", "etag": f'"{digest}"', "last_modified": None,
                 "content_encoding": None, "headers": {"Docker-Content-Digest": digest}}
         entry = self.store.lookup(key)
@@ -306,12 +325,29 @@ class OciBackend(Backend):
             request.finish()
             return None
         headers, _ = yield self.auth.authorization(scope(name), self.config.timeout)
-        spec = self.download_spec(key, self.url(name, "blobs", digest), headers=headers, expected_size=size,
+        if not confirmed and self.held_elsewhere(key, url):
+            yield self.confirm(name, "blobs", digest)  # another repository's download started meanwhile
+        spec = self.download_spec(key, url, headers=headers, expected_size=size,
                                   expected_sha256=digest.split(":", 1)[1], label=label)
         try:
             return (yield self.serve_cached(request, spec, meta))
         except UpstreamStatus as e:
             raise _answer_error(Answer(e.code, e.headers, b""), "BLOB_UNKNOWN", f"blob {label}") from None
+
+    def held_elsewhere(self, key: str, url: str) -> bool:
+        """
+        Whether bytes of `key` that the vault holds, or is fetching, come from
+        another upstream URL than `url` (another repository or registry) --
+        or from one it cannot tell (another process's download): then they
+        answer `url`'s repository only once its upstream confirmed the digest.
+        """
+        entry = self.store.lookup(key)
+        if entry is not None:
+            return entry.meta.get("upstream_url") != safe_url(url)
+        running = self.downloads.get(key)
+        if running is not None:
+            return isinstance(running, RemoteDownload) or running.spec.url != url
+        return self.store.lock(key).held_elsewhere()
 
     def confirm(self, name: str, kind: str, digest: str):
         """
@@ -341,7 +377,7 @@ class OciBackend(Backend):
             if response.code == 200:
                 length = _header(response, "content-length") or ""
                 size = int(length) if length.isdigit() and len(length) < 19 else None
-            self.shown.note(name, digest, {digest: size})
+            self.shown.note(name, digest, confirmed={digest: size})
             return size
         if response.code >= 500 or response.code == 429:
             self._offline(UpstreamStatus(response.code, url, _relayed(response)))
@@ -364,14 +400,17 @@ class OciBackend(Backend):
         if last is not None and not TAG.match(last):
             raise RegistryError("TAG_INVALID", "last must be a tag", 400)
         query = urlencode([(k, v) for k, v in (("n", n), ("last", last)) if v is not None])
-        # kept: the first page, and the pages whose links the vault handed out (made-up ones are only relayed)
-        keepable = (n is None and last is None) or (name, n, last) in self._next_pages
+        # kept: the first page, and the pages a client reaches from it by following the links the vault
+        # handed out for kept pages -- the walk a client makes, upstream's page size, a bounded number of
+        # pages.  A page of a size or start a client chose is relayed, and so is every page it links to.
+        page = 0 if n is None and last is None else self._next_pages.get((name, n, last))
+        keepable = page is not None
         key = f"{self.name}/r/{name}/_tags-list/{hashlib.sha256(query.encode()).hexdigest()[:32]}"
         url = self.url(name, "tags", "list") + (f"?{query}" if query else "")
         answer = yield self.kept_listing(request, key, name, url, keepable, f"{self.registry}/{name} tags")
         link = self._link(request, name, "tags/list", answer.headers.get("link"), ("n", "last"))
-        if link is not None:
-            self._next_pages[(name, link[1].get("n"), link[1].get("last"))] = True
+        if link is not None and keepable and page + 1 < PAGES_PER_LIST:
+            self._next_pages[(name, link[1].get("n"), link[1].get("last"))] = page + 1
         send_small(request, b"application/json", answer.body, 200,
                    {"Link": link[0]} if link is not None else None)
 

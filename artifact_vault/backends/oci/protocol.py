@@ -207,11 +207,24 @@ def media_type(content_type: str | None, body: bytes) -> str:
     return OCI_MANIFEST
 
 
-def references(body: bytes) -> dict:
+#: manifest types whose ``config`` and ``layers`` are blobs of the repository (image manifests)
+IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+#: layers a registry need not have (nor check): fetched from the descriptor's ``urls``, if at all
+_FOREIGN_LAYER_MARKS = ("foreign", "nondistributable")
+
+
+def references(body: bytes, media: str) -> dict:
     """
-    What a manifest refers to, ``{digest: size or None}``: the config and
-    layers of an image (and an artifact's blobs), the manifests of an
-    index.  Descriptors with digests the vault cannot verify are left out.
+    What a manifest of media type `media` says its repository serves,
+    ``{digest: size or None}``, by the schema of that type: an image
+    manifest's config and layers (OCI image manifest, Docker manifest v2),
+    an index's manifests (OCI index, Docker manifest list).  Nothing else
+    counts: not other fields (``blobs`` of the withdrawn OCI artifact
+    manifest, ``subject``, anything a pusher adds -- registries keep it
+    byte-exact unchecked), not foreign or non-distributable layers (a
+    registry neither has nor checks them), not descriptors carrying
+    ``urls``, not the references of other media types.  Digests the vault
+    cannot verify are left out.
     """
     try:
         document = json.loads(body)
@@ -220,18 +233,28 @@ def references(body: bytes) -> dict:
     if not isinstance(document, dict):
         return {}
     descriptors = []
-    for field in ("layers", "manifests", "blobs"):
-        items = document.get(field)
-        if isinstance(items, list):
-            descriptors += items
-    if isinstance(document.get("config"), dict):
-        descriptors.append(document["config"])
+    if media in IMAGE_TYPES:
+        if isinstance(document.get("config"), dict):
+            descriptors.append(document["config"])
+        layers = document.get("layers")
+        if isinstance(layers, list):
+            descriptors += [d for d in layers if isinstance(d, dict) and not _foreign(d)]
+    elif media in INDEX_TYPES:
+        manifests = document.get("manifests")
+        if isinstance(manifests, list):
+            descriptors += [d for d in manifests if isinstance(d, dict) and "urls" not in d]
     out = {}
     for d in descriptors:
-        if isinstance(d, dict) and isinstance(d.get("digest"), str) and DIGEST.match(d["digest"]):
+        if isinstance(d.get("digest"), str) and DIGEST.match(d["digest"]):
             size = d.get("size")
             out[d["digest"]] = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
     return out
+
+
+def _foreign(descriptor: dict) -> bool:
+    media = descriptor.get("mediaType")
+    return "urls" in descriptor or (isinstance(media, str)
+                                    and any(mark in media.lower() for mark in _FOREIGN_LAYER_MARKS))
 
 
 def platform_manifest(body: bytes, os_name: str = "linux", architecture: str = "amd64") -> tuple | None:
