@@ -5,7 +5,8 @@ pytest-twisted runs the reactor for us but gives no `reactor` fixture and does
 not fail a test when an error is logged; both are added here.  `vault` starts
 the code under test in-process on 127.0.0.1 (real sockets), `upstream` a fake
 origin server (tests/upstream.py); `http` is a client with a non-persistent
-pool, so no connection outlives its test.
+pool, so no connection outlives its test.  `rig` (start fake OCI registries)
+and `home` (a HOME for skopeo) come from tests/ocienv.py.
 """
 
 import os
@@ -25,6 +26,7 @@ if ROOT not in sys.path:
 
 from artifact_vault.config import parse  # noqa: E402
 from artifact_vault.service import assemble  # noqa: E402
+from tests.ocienv import home, rig  # noqa: E402,F401 - fixtures (a skopeo HOME, FakeRegistry starter)
 from tests.upstream import FakeUpstream  # noqa: E402
 
 

@@ -131,9 +131,10 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.web import http, resource, server
-from zope.interface import implementer
+from twisted.web import http, server
+
+from tests.fakeserve import (FileBody, Listening, TrackedChannel, host_port, origin, owner_site, record_request, reply,
+                             request_headers, write_ready)
 
 __all__ = ["AptRepo", "AptMirror", "make_big_deb", "missing_tools", "STEPS", "DEFAULT_PACKAGES"]
 
@@ -559,104 +560,28 @@ class AptRepo:
 # the mirror server
 
 
-@implementer(IPushProducer)
-class _Body:
-    """Streams [start, start+length) of a file, with cut / corrupt / throttle."""
+class _Body(FileBody):
+    """A body that keeps the bytes sent in its request log entry (``sent``)."""
 
-    def __init__(self, mirror, request, entry, filename, start, length, size, opts):
-        self.mirror, self.request, self.entry = mirror, request, entry
-        self.fh = open(filename, "rb")
-        self.fh.seek(start)
-        self.pos, self.end = start, start + length
-        self.flip = size // 2 if opts.get("corrupt") else None
-        self.cut = opts.get("cut")  # body bytes to send before closing
-        self.throttle = opts.get("throttle_bps")
-        self.sent = 0
-        self.paused = False
-        self.done = False
-        self._call = None
+    def __init__(self, mirror, request, entry, filename, start, length, **faults):
+        super().__init__(request, lambda: open(filename, "rb"), start, length, slice_min=1024, slice_div=20,
+                         chunk=CHUNK, reactor=mirror.reactor, live=mirror._bodies, **faults)
+        self.entry = entry
 
-    def start(self):
-        self.mirror._bodies.add(self)
-        self.request.notifyFinish().addBoth(lambda _: self._close())
-        self.request.registerProducer(self, True)
-        self._schedule(0)
-
-    def _schedule(self, delay):
-        if self._call is None and not self.done:
-            self._call = self.mirror.reactor.callLater(delay, self._pump)
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._schedule(0)
-
-    def stopProducing(self):
-        self._close()
-
-    def _pump(self):
-        self._call = None
-        while not self.done and not self.paused:
-            n = min(CHUNK, self.end - self.pos)
-            if self.throttle:
-                n = min(n, max(1024, int(self.throttle) // 20))
-            if self.cut is not None:
-                n = min(n, self.cut - self.sent)
-                if n <= 0:
-                    return self._cut()
-            if n <= 0:
-                return self._complete()
-            data = self.fh.read(n)
-            if not data:
-                return self._cut()
-            if self.flip is not None and self.pos <= self.flip < self.pos + len(data):
-                i = self.flip - self.pos
-                data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
-            self.pos += len(data)
-            self.sent += len(data)
-            self.entry["sent"] = self.sent
-            self.request.write(data)
-            if self.pos >= self.end and self.cut is None:
-                return self._complete()
-            if self.throttle:
-                return self._schedule(len(data) / float(self.throttle))
-
-    def _close(self):
-        if self.done:
-            return
-        self.done = True
-        self.mirror._bodies.discard(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        self.fh.close()
-
-    def _complete(self):
-        self._close()
-        self.request.unregisterProducer()
-        self.request.finish()
-
-    def _cut(self):
-        # the body is short of its Content-Length: close (FIN) once the bytes
-        # written so far have gone out
-        self._close()
-        self.request.unregisterProducer()
-        self.request.channel.transport.loseConnection()
+    def _progress(self):
+        self.entry["sent"] = self.sent
 
 
-class _Channel(http.HTTPChannel):
+class _Channel(TrackedChannel):
     """Counts request heads as they arrive on the wire, to see pipelining."""
 
     def connectionMade(self):
-        super().connectionMade()
-        self.conn_id = next(self.site.mirror._conn_ids)
+        self.conn_id = next(self.site.owner._conn_ids)
         self.heads_seen = 0  # request heads received on the wire
         self.started = 0  # requests handed to the resource
         self._tail = b""
         self._replaying = False
-        self.site.mirror._channels[self] = defer.Deferred()
+        super().connectionMade()
 
     def dataReceived(self, data):
         if not self._replaying:  # fresh bytes from the socket
@@ -673,36 +598,6 @@ class _Channel(http.HTTPChannel):
             return super().setLineMode(extra)
         finally:
             self._replaying = False
-
-    def connectionLost(self, reason):
-        try:
-            super().connectionLost(reason)
-        finally:
-            d = self.site.mirror._channels.pop(self, None)
-            if d is not None:
-                d.callback(None)
-
-
-class _Site(server.Site):
-    protocol = _Channel
-
-    def __init__(self, mirror, name):
-        super().__init__(_Root(mirror, name))
-        self.mirror = mirror
-
-    def log(self, request):
-        pass
-
-
-class _Root(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, mirror, name):
-        super().__init__()
-        self.mirror, self.name = mirror, name
-
-    def render(self, request):
-        return self.mirror._handle(self.name, request)
 
 
 def _http_date(ts: float) -> str:
@@ -733,14 +628,14 @@ def _parse_range(value: Optional[str], size: int):
     return (start, end - start + 1)
 
 
-class AptMirror:
+class AptMirror(Listening):
     """Serves an ``AptRepo``'s tree (see the module docstring)."""
 
     def __init__(self, repo: AptRepo, interface: str = "127.0.0.1", interface2: str = "127.0.0.2",
                  reactor=None):
         self.repo = repo
         self.interface, self.interface2 = interface, interface2
-        self._reactor = reactor
+        self._init_listening(reactor)
         self.url: Optional[str] = None  # http://127.0.0.1:N/debian
         self.url2: Optional[str] = None  # the same tree on the second listener
         self.origin: Optional[str] = None
@@ -748,8 +643,6 @@ class AptMirror:
         self.requests: List[Dict[str, Any]] = []
         self.modes = {s: self._normal() for s in ("primary", "secondary")}
         self._hung: Dict[str, list] = {"primary": [], "secondary": []}
-        self._ports = []
-        self._channels: Dict[_Channel, defer.Deferred] = {}
         self._bodies = set()
         self._conn_ids = itertools.count(1)
 
@@ -758,19 +651,11 @@ class AptMirror:
         return {"mode": "normal", "paths": None, "times": None, "cut_after_bytes": None,
                 "throttle_bps": None}
 
-    @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            self._reactor = reactor
-        return self._reactor
-
     def listen(self, port: int = 0, port2: int = 0) -> "AptMirror":
-        p1 = self.reactor.listenTCP(port, _Site(self, "primary"), interface=self.interface)
-        p2 = self.reactor.listenTCP(port2, _Site(self, "secondary"), interface=self.interface2)
-        self._ports += [p1, p2]
-        self.origin = "http://%s:%d" % (self.interface, p1.getHost().port)
-        self.origin2 = "http://%s:%d" % (self.interface2, p2.getHost().port)
+        p1 = self._listen(owner_site(self, "primary", _Channel), self.interface, port)
+        p2 = self._listen(owner_site(self, "secondary", _Channel), self.interface2, port2)
+        self.origin = origin(self.interface, p1)
+        self.origin2 = origin(self.interface2, p2)
         self.url, self.url2 = self.origin + "/debian", self.origin2 + "/debian"
         return self
 
@@ -805,38 +690,20 @@ class AptMirror:
 
     def close(self) -> defer.Deferred:
         for body in list(self._bodies):
-            body._close()
-        waits = list(self._channels.values())
-        for channel in list(self._channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-        for port in self._ports:
-            waits.append(defer.maybeDeferred(port.stopListening))
-        self._ports = []
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+            body.close()
+        return self._shut().addCallback(lambda _: None)
 
     # -- request handling ----------------------------------------------------
 
     def _log(self, name, request, target, path, absolute):
-        headers = {}
-        for key, values in request.requestHeaders.getAllRawHeaders():
-            headers[key.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
+        headers = request_headers(request)
         channel = request.channel
         channel.started += 1  # twisted.web answers one request at a time, in order
         entry = {"server": name, "method": request.method.decode("latin-1"), "target": target,
                  "path": path, "absolute": absolute, "headers": headers, "status": None,
                  "conn": channel.conn_id, "pipelined": channel.heads_seen - channel.started + 1,
                  "sent": 0, "time": time.time()}
-        self.requests.append(entry)
-
-        def done(_):
-            entry["status"] = request.code
-
-        def lost(_):
-            entry["aborted"] = True
-
-        request.notifyFinish().addCallbacks(done, lost)
-        return entry
+        return record_request(self.requests, request, entry, status_when_lost=False)
 
     def _handle(self, name, request):
         target = request.uri.decode("latin-1")
@@ -947,13 +814,13 @@ class AptMirror:
         if method == b"HEAD" or length == 0:
             request.finish()
             return server.NOT_DONE_YET
-        body_opts = {"throttle_bps": opts.get("throttle_bps"), "corrupt": mode == "corrupt"}
+        faults = {"throttle_bps": opts.get("throttle_bps"), "corrupt_at": size // 2 if mode == "corrupt" else None}
         if mode == "cut":
             cut = opts.get("cut_after_bytes")
             cut = length // 2 if cut is None else int(cut)
             if cut < length:
-                body_opts["cut"] = cut
-        _Body(self, request, entry, full, start, length, size, body_opts).start()
+                faults["cut"] = cut
+        _Body(self, request, entry, full, start, length, **faults).start()
         return server.NOT_DONE_YET
 
     # -- control -------------------------------------------------------------
@@ -1009,41 +876,22 @@ def _content_type(rel: str) -> str:
 
 
 def _text(request, code: int, text: str):
-    data = text.encode()
     request.setResponseCode(code)
-    request.setHeader("Content-Type", "text/plain; charset=utf-8")
-    request.setHeader("Content-Length", str(len(data)))
-    if request.method != b"HEAD":
-        request.write(data)
-    request.finish()
-    return server.NOT_DONE_YET
+    return reply(request, text.encode(), "text/plain; charset=utf-8")
 
 
 def _json(request, obj):
-    data = json.dumps(obj).encode()
-    request.setHeader("Content-Type", "application/json")
-    request.setHeader("Content-Length", str(len(data)))
-    if request.method != b"HEAD":
-        request.write(data)
-    request.finish()
-    return server.NOT_DONE_YET
+    return reply(request, json.dumps(obj).encode(), "application/json")
 
 
 # ---------------------------------------------------------------------------
 # standalone process
 
 
-def _host_port(value: str):
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % value)
-    return host.strip("[]"), int(port)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fakeapt", description=__doc__.split("\n")[0])
-    ap.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT")
-    ap.add_argument("--second", type=_host_port, default=("127.0.0.2", 0),
+    ap.add_argument("--listen", type=host_port, default=("127.0.0.1", 0), help="HOST:PORT")
+    ap.add_argument("--second", type=host_port, default=("127.0.0.2", 0),
                     help="HOST:PORT of the listener the redirect fault points at")
     ap.add_argument("--ready-file", help="write the JSON description here once listening")
     ap.add_argument("--by-hash", action="store_true", help="Acquire-By-Hash: yes, with by-hash/ files")
@@ -1066,10 +914,7 @@ def main(argv=None) -> int:
                               "component": repo.component, "arch": repo.arch, "url2": mirror.url2,
                               "by_hash": repo.by_hash, "root": repo.www})
         if args.ready_file:
-            tmp = "%s.tmp.%d" % (args.ready_file, os.getpid())
-            with open(tmp, "w") as fh:
-                fh.write(payload + "\n")
-            os.replace(tmp, args.ready_file)
+            write_ready(args.ready_file, payload + "\n")
         sys.stdout.write(payload + "\n")
         sys.stdout.flush()
         signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))

@@ -59,10 +59,10 @@ import uuid
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
-from zope.interface import implementer
+from twisted.web.server import NOT_DONE_YET
+
+from tests.fakeserve import FileBody, QuietSite, host_port, record_request, request_headers, write_ready
 
 # --------------------------------------------------------------------------
 # Public constants
@@ -497,28 +497,15 @@ class FakeHubState:
         )
 
     def log_request(self, server, request):
-        headers = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            headers[name.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
         entry = {
             "server": server,
             "method": request.method.decode("latin-1"),
             "path": request.uri.decode("latin-1"),
-            "headers": headers,
+            "headers": request_headers(request),
             "status": None,
             "time": time.time(),
         }
-        self.requests.append(entry)
-
-        def done(_):
-            entry["status"] = request.code
-
-        def lost(_):
-            entry["aborted"] = True  # connection closed before the response was complete
-            entry["status"] = request.code if request.startedWriting else None
-
-        request.notifyFinish().addCallbacks(done, lost)
-        return entry
+        return record_request(self.requests, request, entry)
 
     def info(self):
         repos = {}
@@ -649,95 +636,6 @@ def guess_content_type(path):
     return "application/octet-stream"
 
 
-@implementer(IPushProducer)
-class BodyStreamer:
-    """Streams part of a file-like object into a request, with optional throttle / cut."""
-
-    CHUNK = 256 * 1024
-
-    def __init__(self, request, opener, start, length, opts):
-        self.request = request
-        self.opener = opener
-        self.start_at = start
-        self.remaining = length
-        self.throttle = opts.get("throttle_bps") or None
-        self.cut_after = opts.get("cut_after_bytes")
-        self.sent = 0
-        self.paused = False
-        self.done = False
-        self._call = None
-        self._fh = None
-
-    def start(self):
-        self._fh = self.opener()
-        self._fh.seek(self.start_at)
-        self.request.notifyFinish().addBoth(lambda _: self._stop())
-        self.request.registerProducer(self, True)
-        self._schedule(0)
-
-    def _schedule(self, delay):
-        if self._call is None and not self.done:
-            self._call = reactor.callLater(delay, self._pump)
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._schedule(0)
-
-    def stopProducing(self):
-        self._stop()
-
-    def _pump(self):
-        self._call = None
-        while not self.done and not self.paused:
-            if self.remaining <= 0:
-                self._complete()
-                return
-            n = min(self.CHUNK, self.remaining)
-            if self.throttle:
-                n = min(n, max(1024, int(self.throttle) // 10))
-            if self.cut_after is not None:
-                n = min(n, self.cut_after - self.sent)
-                if n <= 0:
-                    self._cut()
-                    return
-            data = self._fh.read(n)
-            if not data:
-                self._cut()
-                return
-            self.request.write(data)
-            self.sent += len(data)
-            self.remaining -= len(data)
-            if self.throttle and self.remaining > 0:
-                self._schedule(len(data) / float(self.throttle))
-                return
-
-    def _close(self):
-        self.done = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def _complete(self):
-        self._close()
-        self.request.unregisterProducer()
-        self.request.finish()
-
-    def _cut(self):
-        self._close()
-        self.request.unregisterProducer()
-        self.request.channel.transport.loseConnection()
-
-    def _stop(self):
-        if not self.done:
-            self._close()
-
-
 def serve_body(request, status, headers, blob, opts, start=0, length=None, gz=False, content_type=None):
     """Send headers then stream blob[start:start+length] (or its gzip) unless HEAD."""
     request.setResponseCode(status)
@@ -756,7 +654,10 @@ def serve_body(request, status, headers, blob, opts, start=0, length=None, gz=Fa
     if request.method == b"HEAD" or length == 0:
         request.finish()
         return
-    BodyStreamer(request, opener, start, length, opts).start()
+    cut = opts.get("cut_after_bytes")
+    if cut is not None and cut >= length:
+        cut = None  # the whole body goes out and ends normally
+    FileBody(request, opener, start, length, cut=cut, throttle_bps=opts.get("throttle_bps"), reactor=reactor).start()
 
 
 def serve_blob_with_ranges(request, headers, blob, opts, allow_gzip, content_type):
@@ -1349,28 +1250,16 @@ class CdnResource(Resource):
 # Entry points
 
 
-class QuietSite(Site):
-    def log(self, request):
-        pass
-
-
 def build(hub_url_base=None, cdn_url_base=None, cdn_ttl=DEFAULT_CDN_TTL, model_dir=None):
     """Return (hub_resource, cdn_resource, state). Set state.set_urls() later if the ports were not known."""
     state = FakeHubState(hub_url_base, cdn_url_base, cdn_ttl=cdn_ttl, model_dir=model_dir)
     return HubResource(state), CdnResource(state), state
 
 
-def _host_port(value):
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host, int(port)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tests.fakehub", description=__doc__.split("\n")[0])
-    ap.add_argument("--hub", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT of the fake hub")
-    ap.add_argument("--cdn", type=_host_port, default=("127.0.0.2", 0), help="HOST:PORT of the fake CDN")
+    ap.add_argument("--hub", type=host_port, default=("127.0.0.1", 0), help="HOST:PORT of the fake hub")
+    ap.add_argument("--cdn", type=host_port, default=("127.0.0.2", 0), help="HOST:PORT of the fake CDN")
     ap.add_argument("--ready-file", help="write the JSON urls here once both servers listen")
     ap.add_argument("--cdn-ttl", type=int, default=DEFAULT_CDN_TTL, help="lifetime of signed CDN URLs (s)")
     ap.add_argument("--model-dir", help="directory with the all-MiniLM-L6-v2 files (default: the PyPI package)")
@@ -1388,10 +1277,7 @@ def main(argv=None):
     state.set_urls(urls["hub"], urls["cdn"])
     line = json.dumps(urls)
     if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(line + "\n")
-        os.replace(tmp, args.ready_file)
+        write_ready(args.ready_file, line + "\n")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     reactor.run()

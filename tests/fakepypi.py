@@ -124,12 +124,12 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.web import http, resource, server
-from zope.interface import implementer
+from twisted.web import http
 
 # the fake upstream's pieces: Range parsing, connection tracking, the ready file
-from tests.upstream import _Channel, _parse_range, _write_ready
+from tests.fakeserve import (FileBody, Listening, host_port, origin, owner_site, record_request, request_headers,
+                             write_ready)
+from tests.upstream import _parse_range
 
 __all__ = [
     "FakePyPI", "DistFile", "Project", "CATALOG", "normalize", "negotiate", "build_wheel", "build_sdist",
@@ -144,7 +144,6 @@ INDEX_CACHE_CONTROL = "max-age=600, public"
 FILE_CACHE_CONTROL = "max-age=365000000, immutable, public"
 EPOCH = 1704067200  # 2024-01-01T00:00:00Z: upload times of the start catalog count from here
 ZIP_DATE = (2024, 1, 1, 0, 0, 0)
-CHUNK = 256 * 1024
 FAULT_MODES = ("normal", "down5xx", "429", "hang", "cut", "corrupt")
 TARGETS = ("index", "files")
 
@@ -531,107 +530,6 @@ def _send_json(request, status: int, obj) -> None:
     _send(request, status, json.dumps(obj, indent=1).encode(), "application/json")
 
 
-@implementer(IPushProducer)
-class _FileBody:
-    """Streams ``length`` bytes of a file from ``start``, maybe cut or corrupted."""
-
-    def __init__(self, request, path, start, length, cut_after=None, corrupt_at=None):
-        self.request = request
-        self.path = path
-        self.pos = start
-        self.left = length
-        self.cut_after = cut_after
-        self.corrupt_at = corrupt_at
-        self.sent = 0
-        self.paused = False
-        self.done = False
-        self._fh = None
-
-    def start(self):
-        self._fh = open(self.path, "rb")
-        self._fh.seek(self.pos)
-        self.request.notifyFinish().addBoth(lambda _: self._close())
-        self.request.registerProducer(self, True)
-        self._pump()
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._pump()
-
-    def stopProducing(self):
-        self._close()
-
-    def _pump(self):
-        while not self.done and not self.paused:
-            n = min(CHUNK, self.left)
-            if self.cut_after is not None:
-                n = min(n, self.cut_after - self.sent)
-                if n <= 0:
-                    self._cut()
-                    return
-            if n <= 0:
-                self._close()
-                self.request.unregisterProducer()
-                self.request.finish()
-                return
-            data = self._fh.read(n)
-            if not data:  # the file shrank under us
-                self._cut()
-                return
-            if self.corrupt_at is not None and self.pos <= self.corrupt_at < self.pos + len(data):
-                mutable = bytearray(data)
-                mutable[self.corrupt_at - self.pos] ^= 0xFF
-                data = bytes(mutable)
-            self.pos += len(data)
-            self.left -= len(data)
-            self.sent += len(data)
-            self.request.write(data)
-
-    def _cut(self):
-        self._close()
-        self.request.unregisterProducer()
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None:
-            transport.loseConnection()  # sends what is buffered, then closes
-
-    def _close(self):
-        self.done = True
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-# ---------------------------------------------------------------------------
-# twisted.web plumbing
-
-
-class _Site(server.Site):
-    protocol = _Channel
-
-    def __init__(self, owner: "FakePyPI", server_name: str):
-        super().__init__(_HostResource(owner, server_name))
-        self.owner = owner
-
-    def log(self, request):  # keep test output quiet
-        pass
-
-
-class _HostResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, owner: "FakePyPI", server_name: str):
-        super().__init__()
-        self.owner = owner
-        self.server_name = server_name
-
-    def render(self, request):
-        self.owner._handle(request, self.server_name)
-        return server.NOT_DONE_YET
-
-
 @dataclass
 class _Fault:
     mode: str = "normal"
@@ -648,7 +546,7 @@ class _Fault:
 # ---------------------------------------------------------------------------
 
 
-class FakePyPI:
+class FakePyPI(Listening):
     """A fake PyPI index plus file host (see the module docstring)."""
 
     def __init__(self, workdir=None, *, html_only=False, same_host=False, gzip_index=False, strict_accept=True,
@@ -660,15 +558,13 @@ class FakePyPI:
         self.same_host = same_host
         self.gzip_index = gzip_index
         self.strict_accept = strict_accept
-        self._reactor = reactor
+        self._init_listening(reactor)
         self.projects: Dict[str, Project] = {}
         self._paths: Dict[str, Tuple[DistFile, bool]] = {}  # url path -> (file, is the .metadata)
         self._serial = 0
         self.requests: List[dict] = []
         self.faults = {t: _Fault() for t in TARGETS}
         self._hung: List = []
-        self._channels: Dict[_Channel, defer.Deferred] = {}  # open connections -> fires when closed
-        self._ports: List = []
         self.index_base: Optional[str] = None  # http://127.0.0.1:N
         self.files_url: Optional[str] = None  # http://127.0.0.2:M
         if catalog:
@@ -679,14 +575,6 @@ class FakePyPI:
     # -- listening ---------------------------------------------------------
 
     @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
-    @property
     def index_url(self) -> Optional[str]:
         """The URL clients take as --index-url: ``http://127.0.0.1:N/simple/``."""
         return None if self.index_base is None else self.index_base + "/simple/"
@@ -695,37 +583,20 @@ class FakePyPI:
         """Listen with both servers; (host, port) pairs, port 0 picks a free one."""
         if reactor is not None:
             self._reactor = reactor
-        ip = self.reactor.listenTCP(index[1], _Site(self, "index"), interface=index[0])
-        self._ports.append(ip)
-        fp = self.reactor.listenTCP(files[1], _Site(self, "files"), interface=files[0])
-        self._ports.append(fp)
-        self.index_base = "http://%s:%d" % (index[0], ip.getHost().port)
-        self.files_url = "http://%s:%d" % (files[0], fp.getHost().port)
+        ip = self._listen(owner_site(self, "index"), index[0], index[1])
+        fp = self._listen(owner_site(self, "files"), files[0], files[1])
+        self.index_base = origin(index[0], ip)
+        self.files_url = origin(files[0], fp)
 
     def close(self) -> defer.Deferred:
         """Stop listening, drop every connection, remove the temp dir we made."""
         self._release_hung()
-        waits = list(self._channels.values())
-        for channel in list(self._channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-        for port in self._ports:
-            waits.append(defer.maybeDeferred(port.stopListening))
-        self._ports = []
 
         def cleanup(_):
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(cleanup)
-
-    def _channel_made(self, channel) -> None:  # called by _Channel
-        self._channels[channel] = defer.Deferred()
-
-    def _channel_lost(self, channel) -> None:
-        d = self._channels.pop(channel, None)
-        if d is not None:
-            d.callback(None)
+        return self._shut().addCallback(cleanup)
 
     # -- the catalog -------------------------------------------------------
 
@@ -905,24 +776,12 @@ class FakePyPI:
         self._hung = keep
 
     def _log(self, request, server_name: str) -> dict:
-        headers = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            headers[name.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
+        headers = request_headers(request)
         entry = {
             "server": server_name, "host": headers.get("host"), "method": request.method.decode("latin-1"),
             "path": request.uri.decode("latin-1"), "headers": headers, "status": None, "time": time.time(),
         }
-        self.requests.append(entry)
-
-        def done(_):
-            entry["status"] = request.code
-
-        def lost(_):
-            entry["aborted"] = True
-            entry["status"] = request.code if request.startedWriting else None
-
-        request.notifyFinish().addCallbacks(done, lost)
-        return entry
+        return record_request(self.requests, request, entry)
 
     def _fault_for(self, server_name: str, path: str, is_file: bool) -> Optional[_Fault]:
         fault = self.faults[server_name]
@@ -941,7 +800,7 @@ class FakePyPI:
     def _files_base(self) -> str:
         return (self.index_base if self.same_host else self.files_url) or ""
 
-    def _handle(self, request, server_name: str) -> None:
+    def _handle(self, server_name: str, request) -> None:
         path = request.path.decode("latin-1")
         if path.startswith("/_fake/"):
             self._control(request, path)
@@ -1109,7 +968,7 @@ class FakePyPI:
         corrupt = None
         if fault is not None and fault.mode == "corrupt":
             corrupt = size // 2 if fault.corrupt_at is None else min(fault.corrupt_at, size - 1)
-        _FileBody(request, disk, start, length, cut, corrupt).start()
+        FileBody(request, lambda: open(disk, "rb"), start, length, cut=cut, corrupt_at=corrupt).start()  # pumps at once
 
     # -- control -----------------------------------------------------------
 
@@ -1168,17 +1027,10 @@ def _html_page(title: str, links: str) -> bytes:
 # standalone process
 
 
-def _host_port(value: str) -> Tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % value)
-    return host.strip("[]"), int(port)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fakepypi", description=__doc__.split("\n")[0])
-    ap.add_argument("--index", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT of the index")
-    ap.add_argument("--files", type=_host_port, default=("127.0.0.2", 0), help="HOST:PORT of the file host")
+    ap.add_argument("--index", type=host_port, default=("127.0.0.1", 0), help="HOST:PORT of the index")
+    ap.add_argument("--files", type=host_port, default=("127.0.0.2", 0), help="HOST:PORT of the file host")
     ap.add_argument("--ready-file", help="write the JSON urls here once both servers listen")
     ap.add_argument("--workdir", help="build the distributions here (default: a temp dir, removed at exit)")
     ap.add_argument("--html-only", action="store_true", help="always answer text/html")
@@ -1195,7 +1047,7 @@ def main(argv=None) -> int:
         pypi.listen(reactor, index=args.index, files=args.files)
         line = json.dumps({"index": pypi.index_url, "files": pypi.files_url})
         if args.ready_file:
-            _write_ready(args.ready_file, line.encode() + b"\n")
+            write_ready(args.ready_file, line + "\n")
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         reactor.run()

@@ -130,10 +130,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.web import http, resource, server
-from zope.interface import implementer
+from twisted.web import server
 
+from tests.fakeserve import (FileBody, Listening, TrackedChannel, host_port, origin, owner_site, record_request,
+                             request_headers, write_ready)
 from tests.upstream import _parse_range  # (start, length), "unsatisfiable", or None: send it all
 
 __all__ = [
@@ -160,7 +160,6 @@ SERVICE = "fake-registry"
 USER, PASSWORD = "alice", "wonderland"  # the default user; may pull acme/private
 EPOCH = 1704067200  # 2024-01-01T00:00:00Z, the mtime of every file in every layer
 CREATED = "2024-01-01T00:00:00Z"
-CHUNK = 256 * 1024
 FAULT_MODES = ("down5xx", "429", "hang", "cut", "corrupt", "throttle")
 _ANSWER_MODES = ("down5xx", "429", "hang")
 SERVERS = ("registry", "token", "cdn")
@@ -595,108 +594,10 @@ def _accepted(request) -> set:
 
 
 # ---------------------------------------------------------------------------
-# sending bodies
+# twisted.web plumbing (bodies stream through tests/fakeserve.py's FileBody)
 
 
-@implementer(IPushProducer)
-class _BodySender:
-    """Streams blob[start:start+length] into a request, applying a body fault."""
-
-    def __init__(self, owner: "FakeRegistry", request, blob: Blob, start: int, length: int,
-                 fault: Optional[Fault]):
-        self.owner = owner
-        self.request = request
-        self.fh = blob.open()
-        self.fh.seek(start)
-        self.pos = start
-        self.end = start + length
-        self.cut = None
-        self.corrupt_at = None
-        self.bps = None
-        if fault is not None:
-            if fault.mode == "cut":
-                self.cut = start + (length // 2 if fault.after_bytes is None else min(fault.after_bytes, length))
-            elif fault.mode == "corrupt":
-                self.corrupt_at = blob.size // 2 if fault.at is None else fault.at
-            elif fault.mode == "throttle":
-                self.bps = max(1, int(fault.bps))
-        self.paused = False
-        self.done = False
-        self._call = None
-
-    def start(self):
-        self.owner._senders.add(self)
-        self.request.notifyFinish().addBoth(lambda _: self._close())
-        self.request.registerProducer(self, True)
-        self._schedule(0)
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._schedule(0)
-
-    def stopProducing(self):
-        self._close()
-
-    def _schedule(self, delay: float):
-        if self._call is None and not self.done:
-            self._call = self.owner.reactor.callLater(delay, self._pump)
-
-    def _pump(self):
-        self._call = None
-        while not (self.done or self.paused):
-            limit = self.end if self.cut is None else self.cut
-            if self.pos >= limit:
-                if self.cut is not None:
-                    self._drop_connection()
-                else:
-                    self._finish()
-                return
-            n = min(CHUNK, limit - self.pos)
-            if self.bps:
-                n = min(n, max(1, self.bps // 10))
-            data = self.fh.read(n)
-            if not data:  # the file shrank under us: end as a cut
-                self._drop_connection()
-                return
-            if self.corrupt_at is not None and self.pos <= self.corrupt_at < self.pos + len(data):
-                i = self.corrupt_at - self.pos
-                data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
-            self.pos += len(data)
-            self.request.write(data)
-            if self.bps:
-                self._schedule(len(data) / self.bps)
-                return
-
-    def _finish(self):
-        self._close()
-        self.request.unregisterProducer()
-        self.request.finish()
-
-    def _drop_connection(self):
-        # loseConnection sends what is buffered first: the client gets exactly the cut bytes
-        self._close()
-        self.request.unregisterProducer()
-        self.request.channel.transport.loseConnection()
-
-    def _close(self):
-        if self.done:
-            return
-        self.done = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        self.fh.close()
-        self.owner._senders.discard(self)
-
-
-# ---------------------------------------------------------------------------
-# twisted.web plumbing
-
-
-class _Channel(http.HTTPChannel):
+class _Channel(TrackedChannel):
     """An HTTP channel that answers a TLS ClientHello the way Go's net/http does.
 
     Clients told a registry is insecure (skopeo --tls-verify=false, docker's
@@ -708,10 +609,6 @@ class _Channel(http.HTTPChannel):
 
     _first = True
 
-    def connectionMade(self):
-        super().connectionMade()
-        self.site.owner._channels.add(self)
-
     def dataReceived(self, data):
         if self._first:
             self._first = False
@@ -722,36 +619,6 @@ class _Channel(http.HTTPChannel):
                 self.transport.loseConnection()
                 return
         super().dataReceived(data)
-
-    def connectionLost(self, reason):
-        try:
-            super().connectionLost(reason)
-        finally:
-            self.site.owner._channels.discard(self)
-
-
-class _Site(server.Site):
-    protocol = _Channel
-
-    def __init__(self, owner: "FakeRegistry", server_name: str):
-        super().__init__(_Root(owner, server_name))
-        self.owner = owner
-        self.server_name = server_name
-
-    def log(self, request):  # keep test output quiet
-        pass
-
-
-class _Root(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, owner: "FakeRegistry", server_name: str):
-        super().__init__()
-        self.owner = owner
-        self.server_name = server_name
-
-    def render(self, request):
-        return self.owner._handle(self.server_name, request)
 
 
 def _send(request, status: int, body: bytes = b"", content_type: Optional[str] = None, headers=()):
@@ -796,14 +663,14 @@ def _iso(ts: float) -> str:
 # ---------------------------------------------------------------------------
 
 
-class FakeRegistry:
+class FakeRegistry(Listening):
     """Registry + token server + CDN (see the module docstring)."""
 
     def __init__(self, *, images: bool = True, reactor=None, **options):
         unknown = set(options) - set(DEFAULT_OPTIONS)
         if unknown:
             raise TypeError("unknown option(s): %s" % ", ".join(sorted(unknown)))
-        self._reactor = reactor
+        self._init_listening(reactor)
         self._with_images = images
         self._initial_options = options
         self.url: Optional[str] = None
@@ -811,8 +678,6 @@ class FakeRegistry:
         self.cdn_url: Optional[str] = None
         self.requests: List[dict] = []
         self.faults: List[Fault] = []
-        self._ports = []
-        self._channels = set()
         self._senders = set()
         self._hung = []
         self._cdn_secret = secrets.token_bytes(16)
@@ -832,23 +697,13 @@ class FakeRegistry:
             for name, users in PRIVATE_REPOS.items():
                 self.set_private(name, True, users)
 
-    @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
     # -- lifecycle -----------------------------------------------------------
 
     def listen(self, interface: str = "127.0.0.1", port: int = 0, *, token_port: int = 0,
                cdn_interface: Optional[str] = "127.0.0.2", cdn_port: int = 0) -> "FakeRegistry":
         """Start the registry, the token server (same interface) and the CDN (cdn_interface=None: no CDN)."""
         def start(iface, p, name):
-            lp = self.reactor.listenTCP(p, _Site(self, name), interface=iface)
-            self._ports.append(lp)
-            return "http://%s:%d" % (iface, lp.getHost().port)
+            return origin(iface, self._listen(owner_site(self, name, _Channel), iface, p))
 
         self.url = start(interface, port, "registry")
         self.token_url = start(interface, token_port, "token")
@@ -859,21 +714,9 @@ class FakeRegistry:
     def close(self) -> defer.Deferred:
         """Stop listening and abort every connection; fires when all are gone."""
         for sender in list(self._senders):
-            sender._close()
-        waits = [defer.maybeDeferred(p.stopListening) for p in self._ports]
-        self._ports = []
-        for channel in list(self._channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
+            sender.close()
         self._hung = []
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(self._wait_channels)
-
-    def _wait_channels(self, _=None, tries: int = 0):
-        if not self._channels or tries > 200:
-            return None
-        d = defer.Deferred()
-        self.reactor.callLater(0.01, d.callback, None)
-        return d.addCallback(self._wait_channels, tries + 1)
+        return self._shut().addCallback(lambda _: None)
 
     @property
     def host(self) -> str:
@@ -1028,23 +871,11 @@ class FakeRegistry:
         }
 
     def _log(self, server_name: str, request) -> dict:
-        headers = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            headers[name.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
+        headers = request_headers(request)
         entry = {"server": server_name, "method": request.method.decode("latin-1"),
                  "host": headers.get("host"), "path": request.uri.decode("latin-1"), "headers": headers,
                  "authorization": "authorization" in headers, "status": None, "time": time.time()}
-        self.requests.append(entry)
-
-        def done(_):
-            entry["status"] = request.code
-
-        def lost(_):
-            entry["aborted"] = True
-            entry["status"] = request.code if request.startedWriting else None
-
-        request.notifyFinish().addCallbacks(done, lost)
-        return entry
+        return record_request(self.requests, request, entry)
 
     # -- request handling ----------------------------------------------------
 
@@ -1295,7 +1126,16 @@ class FakeRegistry:
             request.finish()
             return
         rule = self._take_fault(server_name, path, answer=False)
-        _BodySender(self, request, blob, start, length, rule).start()
+        cut = corrupt_at = bps = None
+        if rule is not None:
+            if rule.mode == "cut":  # (at the end of the body still a cut: the connection closes)
+                cut = length // 2 if rule.after_bytes is None else min(rule.after_bytes, length)
+            elif rule.mode == "corrupt":
+                corrupt_at = blob.size // 2 if rule.at is None else rule.at
+            elif rule.mode == "throttle":
+                bps = max(1, int(rule.bps))
+        FileBody(request, blob.open, start, length, cut=cut, corrupt_at=corrupt_at, throttle_bps=bps,
+                 slice_min=1, pause_after_last=True, reactor=self.reactor, live=self._senders).start()
 
     # token server
 
@@ -1453,19 +1293,12 @@ class FakeRegistry:
 # standalone process
 
 
-def _host_port(value: str) -> Tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % value)
-    return host.strip("[]"), int(port)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.fakeregistry", description=__doc__.split("\n")[0])
-    ap.add_argument("--listen", type=_host_port, default=("127.0.0.1", 0), help="HOST:PORT of the registry")
+    ap.add_argument("--listen", type=host_port, default=("127.0.0.1", 0), help="HOST:PORT of the registry")
     ap.add_argument("--token", type=int, default=0, metavar="PORT",
                     help="port of the token server (on the registry's host; default: any free one)")
-    ap.add_argument("--cdn", type=_host_port, default=("127.0.0.2", 0), help="HOST:PORT of the blob CDN")
+    ap.add_argument("--cdn", type=host_port, default=("127.0.0.2", 0), help="HOST:PORT of the blob CDN")
     ap.add_argument("--ready-file", help="write the JSON urls here once all servers listen")
     ap.add_argument("--auth", action="store_true", help="require bearer tokens (Docker Hub style)")
     ap.add_argument("--redirect", action="store_true", help="answer blob requests with 307 to the CDN")
@@ -1481,10 +1314,7 @@ def main(argv=None) -> int:
                cdn_port=args.cdn[1])
     line = json.dumps({"url": reg.url, "cdn": reg.cdn_url, "token": reg.token_url})
     if args.ready_file:
-        tmp = "%s.tmp.%d" % (args.ready_file, os.getpid())
-        with open(tmp, "w") as fh:
-            fh.write(line + "\n")
-        os.replace(tmp, args.ready_file)
+        write_ready(args.ready_file, line + "\n")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     reactor.run()

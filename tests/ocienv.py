@@ -23,8 +23,9 @@ import tempfile
 import time
 
 import pytest
+import pytest_twisted
 
-from tests.fakeregistry import OCI_INDEX, OCI_MANIFEST, Manifest, write_dir_layout, write_oci_layout
+from tests.fakeregistry import OCI_INDEX, OCI_MANIFEST, FakeRegistry, Manifest, write_dir_layout, write_oci_layout
 from tests.hfenv import fetch, free_port, stop_process
 
 SKOPEO = "/usr/bin/skopeo"
@@ -39,6 +40,27 @@ _BLOCKED = ("docker.io", "registry-1.docker.io", "quay.io", "ghcr.io", "gcr.io",
             "*.io", "*.com", "*.org", "*.net", "*.dev")
 POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}\n'
 CLOSED_PROXY = "http://127.0.0.1:9"  # Go never proxies loopback; anything else fails at once
+
+
+@pytest.fixture
+def rig():
+    """Starts FakeRegistry(**options).listen() as often as the test asks; closes them all after it."""
+    started = []
+
+    def start(**options) -> FakeRegistry:
+        reg = FakeRegistry(**options).listen()
+        started.append(reg)
+        return reg
+
+    yield start
+    for reg in started:
+        pytest_twisted.blockon(reg.close())
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A HOME for skopeo (see ``skopeo_home``), one a test."""
+    return tmp_path / "skopeo-home"
 
 
 def _need(binary: str, what: str) -> None:

@@ -20,7 +20,6 @@ import re
 import socket
 import time
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredSemaphore, ensureDeferred, gatherResults
@@ -31,7 +30,7 @@ from artifact_vault.backends import pypi as pypi_backend
 from artifact_vault.backends.apt import packages as apt_packages
 from artifact_vault.backends.base import BUFFERED_AT_ONCE
 from artifact_vault.backends.oci.backend import blob_key
-from tests.fakeregistry import OCI_MANIFEST, PASSWORD, USER, FakeRegistry, Manifest, _canonical, image, index
+from tests.fakeregistry import OCI_MANIFEST, PASSWORD, USER, Manifest, _canonical, image, index
 from tests.test_core import raw_get
 
 ALL_MANIFESTS = ", ".join([
@@ -91,20 +90,6 @@ def oci(name, registry, url, **config):
                                                    "offline_timeout": 1, **config}}
 
 
-@pytest.fixture
-def registries():
-    started = []
-
-    def start(**options) -> FakeRegistry:
-        reg = FakeRegistry(**options).listen()
-        started.append(reg)
-        return reg
-
-    yield start
-    for reg in started:
-        pytest_twisted.blockon(reg.close())
-
-
 # =============================================================================================
 # Findings (these tests fail on the code under review)
 # =============================================================================================
@@ -112,7 +97,7 @@ def registries():
 
 @pytest_twisted.ensureDeferred
 async def test_oci_a_digest_listed_in_a_foreign_manifest_does_not_open_a_cached_private_blob(
-        vault_factory, registries):
+        vault_factory, rig):
     """
     docs/oci.rst: "the layer of a private image never answers through a public
     repository's name, nor through another registry".  The vault learns what a
@@ -127,8 +112,8 @@ async def test_oci_a_digest_listed_in_a_foreign_manifest_does_not_open_a_cached_
     private manifest.  Once anyone has pulled the private image through the
     vault, the attacker reads both through the public name.
     """
-    corp = registries(auth=True)  # acme/private: only alice, the vault's login
-    hub = registries(images=False)
+    corp = rig(auth=True)  # acme/private: only alice, the vault's login
+    hub = rig(images=False)
     private = corp.manifest("acme/private", "1.0")
     secret = private.layers()[0]
     own = image({"readme.txt": "nothing to see\n"})
@@ -399,7 +384,7 @@ async def test_held_apt_proxy_mode_reaches_only_the_configured_base(vault_factor
 
 @pytest_twisted.ensureDeferred
 async def test_held_configured_headers_and_registry_credentials_stay_on_their_origin(
-        vault_factory, upstream, other_origin, registries, logged):
+        vault_factory, upstream, other_origin, rig, logged):
     """
     apt: the mirror redirects a pool file and an index to another host; oci:
     the registry (token flow, the vault's login) redirects blobs to its CDN.
@@ -411,7 +396,7 @@ async def test_held_configured_headers_and_registry_credentials_stay_on_their_or
     upstream.redirect("/debian/dists/stable/main/i18n/Translation-en", other_origin.url + "/Translation-en", 307)
     other_origin.add("/a_1.0_all.deb", b"deb bytes")
     other_origin.add("/Translation-en", b"Package: a\n")
-    reg = registries(auth=True, cdn_redirect=True)
+    reg = rig(auth=True, cdn_redirect=True)
     v = vault_factory([
         {"type": "apt", "name": "debian", "config": {"base_url": upstream.url + "/debian",
                                                      "headers": {"X-Mirror-Key": SECRET}}},
@@ -518,15 +503,15 @@ async def test_held_pypi_an_answer_for_one_accept_or_encoding_is_not_given_to_an
 
 
 @pytest_twisted.ensureDeferred
-async def test_held_oci_tags_registries_and_accept(vault_factory, registries):
+async def test_held_oci_tags_registries_and_accept(vault_factory, rig):
     """
     A tag of one registry asked through another registry's name, ``?ns=`` and
     prefix; a private repository's tag without the vault's login; an index
     given to a client that takes only Docker schema2; made-up tags, digests
     and Accept values leave no kept answer.
     """
-    corp = registries(auth=True)
-    hub = registries(images=False)
+    corp = rig(auth=True)
+    hub = rig(images=False)
     multi = hub.put("library/multi", index([image({"a": "amd64\n"}), image({"a": "arm64\n"}, architecture="arm64")]),
                     "1.0")
     hub.put("library/small", image({"a": "small\n"}), "1.0")
@@ -600,7 +585,7 @@ async def test_held_tls_hellos_huge_headers_and_pipelines_do_not_wedge_the_vault
 
 
 @pytest_twisted.ensureDeferred
-async def test_oci_page_sizes_a_client_makes_up_do_not_each_leave_kept_tag_lists(vault_factory, registries):
+async def test_oci_page_sizes_a_client_makes_up_do_not_each_leave_kept_tag_lists(vault_factory, rig):
     """
     docs/oci.rst: "The first page and the pages whose links the vault handed
     out are kept; made-up pages are relayed only."  But the vault hands out
@@ -612,7 +597,7 @@ async def test_oci_page_sizes_a_client_makes_up_do_not_each_leave_kept_tag_lists
     repository of the registry, each evicting real content under
     ``max_cache_size``.
     """
-    hub = registries(images=False)
+    hub = rig(images=False)
     one = image({"a": "a\n"})
     hub.put("acme/many", one, *[f"t{i:02d}" for i in range(12)])
     v = vault_factory([oci("hub", "docker.io", hub.url, default=True)])

@@ -22,10 +22,8 @@ from artifact_vault.freshness import Answer, KeptAnswers
 from artifact_vault.store import CacheStore
 from tests.fakeregistry import PASSWORD, USER, Manifest, _canonical, image
 from tests.test_backend_attacks import (ALL_MANIFESTS, PYPI_JSON, _files, _packages, bulky_files, json_page, oci,
-                                        pypi, registries, sleep)
+                                        pypi, sleep)
 from tests.test_core import raw_get
-
-__all__ = ["registries"]  # a fixture, used by name
 
 FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 
@@ -69,8 +67,8 @@ async def test_kept_answers_hold_a_budget_of_bytes_and_stay_fresh_when_let_go(tm
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_backend_holds_its_kept_answers_within_a_budget(vault_factory, upstream, registries):
-    v = vault_factory(pypi(upstream) + [oci("hub", "docker.io", registries(images=False).url, default=True),
+async def test_every_backend_holds_its_kept_answers_within_a_budget(vault_factory, upstream, rig):
+    v = vault_factory(pypi(upstream) + [oci("hub", "docker.io", rig(images=False).url, default=True),
                                         {"type": "apt", "name": "debian",
                                          "config": {"base_url": upstream.url + "/debian"}}])
     budgets = {b.config.type: b.kept._memory.budget for b in v.vault.backends}
@@ -267,7 +265,7 @@ def test_oci_references_follow_the_schema_of_the_media_type():
 
 
 @pytest_twisted.ensureDeferred
-async def test_oci_layers_and_index_entries_an_attacker_lists_open_nothing(vault_factory, registries):
+async def test_oci_layers_and_index_entries_an_attacker_lists_open_nothing(vault_factory, rig):
     """
     A lenient registry (it checks no layer of a pushed manifest, like this
     fake): an image whose ordinary layers name a private layer and config, a
@@ -275,8 +273,8 @@ async def test_oci_layers_and_index_entries_an_attacker_lists_open_nothing(vault
     Through those repositories the vault serves none of it: it asks their
     upstream (a HEAD), which says no.
     """
-    corp = registries(auth=True)
-    hub = registries(images=False)
+    corp = rig(auth=True)
+    hub = rig(images=False)
     private = corp.manifest("acme/private", "1.0")
     secret, config = private.layers()[0], private.config
     own = image({"readme.txt": "nothing to see\n"})
@@ -310,10 +308,9 @@ async def test_oci_layers_and_index_entries_an_attacker_lists_open_nothing(vault
 
 
 @pytest_twisted.ensureDeferred
-async def test_oci_a_download_in_flight_for_one_repository_is_not_joined_through_another(vault_factory,
-                                                                                          registries):
-    corp = registries(auth=True)
-    hub = registries(images=False)
+async def test_oci_a_download_in_flight_for_one_repository_is_not_joined_through_another(vault_factory, rig):
+    corp = rig(auth=True)
+    hub = rig(images=False)
     big = image({"data.bin": os.urandom(300_000)})
     corp.put("acme/big", big, "1.0", private=True)
     layer = big.layers()[0]
@@ -341,9 +338,9 @@ async def test_oci_a_download_in_flight_for_one_repository_is_not_joined_through
 
 
 @pytest_twisted.ensureDeferred
-async def test_oci_the_pages_a_client_walks_are_kept_up_to_a_bound(vault_factory, registries, monkeypatch):
+async def test_oci_the_pages_a_client_walks_are_kept_up_to_a_bound(vault_factory, rig, monkeypatch):
     monkeypatch.setattr(oci_backend, "PAGES_PER_LIST", 3)
-    hub = registries(images=False, tags_page=2)
+    hub = rig(images=False, tags_page=2)
     hub.put("acme/many", image({"a": "a\n"}), *[f"t{i:02d}" for i in range(9)])
     v = vault_factory([oci("hub", "docker.io", hub.url, default=True)])
 
@@ -370,8 +367,8 @@ async def test_oci_the_pages_a_client_walks_are_kept_up_to_a_bound(vault_factory
 
 
 @pytest_twisted.ensureDeferred
-async def test_oci_shared_layers_still_pull_everywhere_with_one_head_each(vault_factory, registries):
-    hub = registries(images=False)
+async def test_oci_shared_layers_still_pull_everywhere_with_one_head_each(vault_factory, rig):
+    hub = rig(images=False)
     base = image({"base.txt": "shared\n"})
     hub.put("team/one", base, "1")
     hub.put("team/two", base, "1")

@@ -30,25 +30,6 @@ from tests.ocienv import DockerRegistry, skopeo, skopeo_copy, skopeo_inspect
 ALL_TYPES = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
 
-@pytest.fixture
-def rig():
-    started = []
-
-    def start(**options) -> FakeRegistry:
-        reg = FakeRegistry(**options).listen()
-        started.append(reg)
-        return reg
-
-    yield start
-    for reg in started:
-        pytest_twisted.blockon(reg.close())
-
-
-@pytest.fixture
-def home(tmp_path):
-    return tmp_path / "skopeo-home"
-
-
 def in_thread(f, *args, **kwargs):
     return deferToThread(f, *args, **kwargs)
 

@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -32,25 +31,6 @@ from tests.ocienv import DockerRegistry, skopeo_copy, skopeo_inspect
 
 ALL_TYPES = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 VAULT_TOKEN = "vault-token-for-oci"
-
-
-@pytest.fixture
-def rig():
-    started = []
-
-    def start(**options) -> FakeRegistry:
-        reg = FakeRegistry(**options).listen()
-        started.append(reg)
-        return reg
-
-    yield start
-    for reg in started:
-        pytest_twisted.blockon(reg.close())
-
-
-@pytest.fixture
-def home(tmp_path):
-    return tmp_path / "skopeo-home"
 
 
 def oci(reg_or_url, registry="docker.io", name="hub", **config):

@@ -58,9 +58,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set
 from urllib.parse import parse_qs, unquote
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
-from twisted.web import http, resource, server
-from zope.interface import implementer
+from twisted.web import http, server
+
+from tests.fakeserve import Listening, PushBody, origin, owner_site, reply, request_headers, write_ready
 
 __all__ = ["FakeUpstream", "Recorded", "LAST_MODIFIED"]
 
@@ -284,13 +284,18 @@ def _parse_range(value: str, size: int):
 # sending a body
 
 
-@implementer(IPushProducer)
-class _Sender:
-    """Pushes one response body to a request, applying the behaviours."""
+class _Sender(PushBody):
+    """Pushes one response body to a request, applying the behaviours.
+
+    Its own pump (not ``FileBody``'s): holds and stalls wait with the
+    headers sent, the throttle is (bytes, seconds) per slice, a cut resets the
+    connection once the bytes before it are flushed, and the timers are the
+    owner's (cancelled by its close()).
+    """
 
     def __init__(self, up: "FakeUpstream", request, entry: _Entry, source):
+        super().__init__(request)
         self.up = up
-        self.request = request
         self.entry = entry
         self.source = source
         b = entry.b
@@ -298,29 +303,16 @@ class _Sender:
         self.stall = b.get("stall_after")
         self.throttle = b.get("throttle")
         self.sent = 0
-        self.paused = False
-        self.done = False
         self._busy = False
         self._timer = None
 
     def start(self):
         self.entry.active.add(self)
         self.up._senders.add(self)
-        self.request.notifyFinish().addErrback(lambda _: self.stop())
+        self.request.notifyFinish().addErrback(lambda _: self.close())
         self.request.registerProducer(self, True)
         self.request.write(b"")  # status line and headers go out now
         self._pump()
-
-    # IPushProducer
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._pump()
-
-    def stopProducing(self):
-        self.stop()
 
     def poke(self):
         self._pump()
@@ -352,7 +344,7 @@ class _Sender:
                     n = min(n, limit - self.sent)
                 data = self.source.read(n)
                 if not data:
-                    self._finish()
+                    self._complete()
                     return
                 self.sent += len(data)
                 self.request.write(data)
@@ -362,26 +354,19 @@ class _Sender:
         finally:
             self._busy = False
 
-    def _finish(self):
-        if self.done:
-            return
-        self.stop()
-        self.request.unregisterProducer()
-        self.request.finish()
-
     def _abort_when_flushed(self):
         # abortConnection() discards whatever the transport still buffers,
         # so wait until the bytes already written have reached the kernel.
         if self.done:
             return
-        self.stop()
+        self.close()
         channel = self.request.channel
         transport = getattr(channel, "transport", None)
         if transport is None:
             return
         self.up._abort_after_flush(transport)
 
-    def stop(self):
+    def close(self):
         if self.done:
             return
         self.done = True
@@ -405,47 +390,9 @@ def _buffered(transport) -> int:
 
 
 # ---------------------------------------------------------------------------
-# twisted.web plumbing
 
 
-class _Channel(http.HTTPChannel):
-    def connectionMade(self):
-        super().connectionMade()
-        self.site.owner._channel_made(self)
-
-    def connectionLost(self, reason):
-        try:
-            super().connectionLost(reason)
-        finally:
-            self.site.owner._channel_lost(self)
-
-
-class _Site(server.Site):
-    protocol = _Channel
-
-    def __init__(self, owner: "FakeUpstream"):
-        super().__init__(_Root(owner))
-        self.owner = owner
-
-    def log(self, request):  # keep test output quiet
-        pass
-
-
-class _Root(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, owner: "FakeUpstream"):
-        super().__init__()
-        self.owner = owner
-
-    def render(self, request):
-        return self.owner._handle(request)
-
-
-# ---------------------------------------------------------------------------
-
-
-class FakeUpstream:
+class FakeUpstream(Listening):
     """A scriptable HTTP file server (see the module docstring)."""
 
     def __init__(self, name: str = "default", interface: Optional[str] = None,
@@ -455,25 +402,15 @@ class FakeUpstream:
         self.files_dir = os.path.abspath(files_dir) if files_dir else None
         self.url: Optional[str] = None
         self.requests: List[Recorded] = []
-        self._reactor = reactor
+        self._init_listening(reactor)
         self._files: Dict[str, _Entry] = {}
         self._dir_cache: Dict[tuple, _Entry] = {}
-        self._ports = []
-        self._channels: Dict[_Channel, defer.Deferred] = {}
         self._calls: Set[Any] = set()
         self._senders: Set[_Sender] = set()
         self._waiters: List[tuple] = []
-        self._site = _Site(self)
+        self._site = owner_site(self)
 
     # -- setup -------------------------------------------------------------
-
-    @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
 
     def listen(self, reactor=None, interface: Optional[str] = None, host_port: int = 0):
         """Listen on interface:host_port (0: any free port); sets ``self.url``.
@@ -484,9 +421,8 @@ class FakeUpstream:
         if reactor is not None:
             self._reactor = reactor
         iface = interface or self.interface
-        port = self.reactor.listenTCP(host_port, self._site, interface=iface)
-        self._ports.append(port)
-        self.url = "http://%s:%d" % (iface, port.getHost().port)
+        port = self._listen(self._site, iface, host_port)
+        self.url = origin(iface, port)
         return port
 
     def add(self, path: str, data: bytes = b"", **behaviour) -> None:
@@ -574,16 +510,8 @@ class FakeUpstream:
                 call.cancel()
         self._calls.clear()
         for sender in list(self._senders):
-            sender.stop()
-        waits = [d for d in self._channels.values()]
-        for channel in list(self._channels):
-            transport = channel.transport
-            if transport is not None:
-                transport.abortConnection()
-        for port in self._ports:
-            waits.append(defer.maybeDeferred(port.stopListening))
-        self._ports = []
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
+            sender.close()
+        return self._shut().addCallback(lambda _: None)
 
     # -- internals ---------------------------------------------------------
 
@@ -611,14 +539,6 @@ class FakeUpstream:
             self._call_later(0.005, self._abort_after_flush, transport, tries + 1)
             return
         transport.abortConnection()
-
-    def _channel_made(self, channel):
-        self._channels[channel] = defer.Deferred()
-
-    def _channel_lost(self, channel):
-        d = self._channels.pop(channel, None)
-        if d is not None:
-            d.callback(None)
 
     def _lookup(self, path: str) -> Optional[_Entry]:
         entry = self._files.get(path)
@@ -648,11 +568,7 @@ class FakeUpstream:
         return entry
 
     def _record(self, request, path_raw: str, method: str):
-        headers: Dict[str, str] = {}
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            key = name.decode("latin-1").lower()
-            headers[key] = ", ".join(v.decode("latin-1") for v in values)
-        self.requests.append(Recorded(method, path_raw, headers, self.name))
+        self.requests.append(Recorded(method, path_raw, request_headers(request), self.name))
 
     def _notify_waiters(self, path: str):
         for waiter in list(self._waiters):
@@ -851,12 +767,7 @@ def _finish_simple(request, code: int):
 
 
 def _json(request, body: bytes):
-    request.setHeader("Content-Type", "application/json")
-    request.setHeader("Content-Length", str(len(body)))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
-    return server.NOT_DONE_YET
+    return reply(request, body, "application/json")
 
 
 def _not_modified(request, entry: _Entry) -> bool:
@@ -893,13 +804,6 @@ def _if_range_ok(request, entry: _Entry) -> bool:
 # standalone process
 
 
-def _write_ready(path: str, payload: bytes) -> None:
-    tmp = "%s.tmp.%d" % (path, os.getpid())
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Fake upstream HTTP file server")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT")
@@ -919,7 +823,7 @@ def main(argv=None) -> int:
     up.listen(reactor, interface=host, host_port=int(port))
     payload = json.dumps({"url": up.url}).encode()
     if args.ready_file:
-        _write_ready(args.ready_file, payload)
+        write_ready(args.ready_file, payload)
     sys.stdout.write(payload.decode() + "\n")
     sys.stdout.flush()
     reactor.run()
