@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from artifact_vault.accesslog import LOG  # noqa: E402
 from artifact_vault.config import parse  # noqa: E402
 from artifact_vault.service import assemble  # noqa: E402
 from tests.ocienv import home, rig  # noqa: E402,F401 - fixtures (a skopeo HOME, FakeRegistry starter)
@@ -87,7 +88,9 @@ def vault_factory(tmp_path):
     def start(backends, **top) -> RunningVault:
         document = {"cache_dir": str(tmp_path / "cache"), "log_level": "DEBUG", "backends": backends, **top}
         config = parse(document, environ={})
-        machinery = assemble(config, _reactor)
+        # Access log lines go into the log (where `logged` sees them), as with twistd --logfile,
+        # unless the test names an access_log of its own.
+        machinery = assemble(config, _reactor, "config" if "access_log" in top else LOG)
         machinery.store.sweep()
         port = _reactor.listenTCP(0, machinery.site, interface="127.0.0.1")
         ports.append(port)
