@@ -38,6 +38,16 @@ def is_offline_error(error: VaultError) -> bool:
     return isinstance(error, UpstreamStatus) and (error.code >= 500 or error.code == 429)
 
 
+def conditional_headers(etag: str | None, last_modified: str | None) -> dict:
+    """The headers that ask upstream whether a kept copy with these validators is still current."""
+    out = {}
+    if etag:
+        out["If-None-Match"] = etag
+    if last_modified:
+        out["If-Modified-Since"] = last_modified
+    return out
+
+
 class UpstreamHealth:
     def __init__(self, name: str, clock=time.monotonic):
         self.name = name
@@ -126,12 +136,7 @@ class Answer:
     @property
     def validators(self) -> dict:
         """Conditional request headers that revalidate this answer."""
-        out = {}
-        if self.headers.get("etag"):
-            out["If-None-Match"] = self.headers["etag"]
-        if self.headers.get("last-modified"):
-            out["If-Modified-Since"] = self.headers["last-modified"]
-        return out
+        return conditional_headers(self.headers.get("etag"), self.headers.get("last-modified"))
 
     def age(self, now: float) -> float:
         return now - self.checked_at
@@ -366,12 +371,7 @@ class KeptFiles:
 
     @staticmethod
     def validators(entry) -> dict:
-        out = {}
-        if entry.meta.get("etag"):
-            out["If-None-Match"] = entry.meta["etag"]
-        if entry.meta.get("last_modified"):
-            out["If-Modified-Since"] = entry.meta["last_modified"]
-        return out
+        return conditional_headers(entry.meta.get("etag"), entry.meta.get("last_modified"))
 
     def get(self, spec, *, ttl: float, health: UpstreamHealth, identity: str = "vault", slots=None,
             wait: float | None = None) -> Deferred:
