@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from . import accesslog
 from .config import ConfigError, load
-from .service import assemble, raise_open_file_limit, vault_service
+from .service import assemble, raise_open_file_limit, steady_heap, vault_service
 from .workers import ListenService, WorkerPool
 
 
@@ -82,6 +82,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     config = getattr(options, "vault_config", None) or load(options.get("config"), cache_dir=options.get("cache-dir"))
     raise_open_file_limit()
+    steady_heap()
     access_target = accesslog.target(config.access_log, stdout_is_log(options))
     machinery = assemble(config, reactor, access_target)
     description = listen_description(config, options.get("listen"))

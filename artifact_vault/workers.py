@@ -213,11 +213,12 @@ def main(argv=None):
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from .config import load
-    from .service import assemble, raise_open_file_limit, vault_service
+    from .service import assemble, raise_open_file_limit, steady_heap, vault_service
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     config = load(args.config, cache_dir=args.cache_dir)
     raise_open_file_limit()
+    steady_heap()
     access_target = config.access_log
     if args.access_log == "log":
         access_target = LOG
