@@ -305,7 +305,7 @@ class _Streamer:
         self.paused = False
         self.stopped = False
         self._pumping = False
-        self._zero_copy = ZeroCopy.for_request(request, None if end is None else end - start)
+        self._zero_copy = ZeroCopy.for_request(request, None if end is None else end - start, body.complete)
 
     def start(self):
         if self.request.disconnected:
@@ -391,6 +391,8 @@ class _Streamer:
     def _close(self):
         if not self.stopped:
             self.stopped = True
+            if self._zero_copy is not None:
+                self._zero_copy.release()
             self.body.unwatch(self._more)
             os.close(self.fd)
             self.body.closed()

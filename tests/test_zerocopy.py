@@ -5,7 +5,9 @@ uses, instead of letting big hits break or slow down quietly.
 """
 
 import os
+import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -54,3 +56,38 @@ async def test_a_big_hit_goes_out_with_sendfile(vault_factory, upstream, http, m
     calls.clear()
     assert await (await http.get(v.url + "/files/big.bin")).content() == BODY  # the hit
     assert calls, "the hit did not use sendfile"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_hit_goes_out_corked_and_the_socket_is_uncorked_after_it(vault_factory, upstream, http,
+                                                                             monkeypatch):
+    """
+    A hit bigger than one sendfile call goes out in full TCP segments (TCP_CORK set
+    on the client's socket while sendfile runs), and the cork is taken off when the
+    body is out, or a keep-alive connection's next small answer could wait 200 ms.
+    """
+    if zerocopy.CORK is None:
+        pytest.skip("TCP_CORK is Linux's")
+    big = os.urandom(zerocopy.SENDFILE_CHUNK + 12345)
+    seen, released = [], []
+    real_send, real_release = zerocopy.ZeroCopy.send, zerocopy.ZeroCopy.release
+
+    def send(self, *args):
+        seen.append(self.transport.socket.getsockopt(socket.IPPROTO_TCP, zerocopy.CORK))
+        return real_send(self, *args)
+
+    def release(self):
+        real_release(self)
+        released.append(self.transport.socket.getsockopt(socket.IPPROTO_TCP, zerocopy.CORK))
+
+    monkeypatch.setattr(zerocopy.ZeroCopy, "send", send)
+    monkeypatch.setattr(zerocopy.ZeroCopy, "release", release)
+    upstream.add("/big.bin", big)
+    v = vault_factory(backend(upstream))
+    assert await (await http.get(v.url + "/files/big.bin")).content() == big  # the miss: streamed while written
+    assert seen and set(seen) == {0}, "a body still being written must not be corked"
+    seen.clear()
+    released.clear()
+    assert await (await http.get(v.url + "/files/big.bin")).content() == big  # the hit
+    assert seen and set(seen) == {1}, seen
+    assert released == [0]
