@@ -245,7 +245,8 @@ class VaultPage(Resource):
         return answer(request, lambda: self.answer(request), what)
 
     def answer(self, request):
-        raise NotImplementedError
+        """The page's answer: each page below ``/_vault/`` defines its own (this base answers none)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no answer")
 
 
 class HostCheck:

@@ -48,7 +48,7 @@ class ZeroCopy:
                 transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
-            if whole and CORK:
+            if whole and CORK is not None:
                 # A body that is all there goes out in full segments, as nginx's
                 # tcp_nopush does: the kernel's work per byte of a 1 GiB hit drops
                 # by about a third (bench/RESULTS.md, row 1).  Not for a file still
